@@ -28,7 +28,14 @@ def build(cfg: SAEConfig, device: torch.device | str | None = None) -> SAE:
 
 
 def __getattr__(name: str):  # checkpoint functions, imported lazily to keep imports light
-    if name in ("load", "save", "load_checkpoint", "save_checkpoint"):
+    if name in (
+        "load",
+        "save",
+        "load_checkpoint",
+        "save_checkpoint",
+        "checkpoint_hash",
+        "LoadedCheckpoint",
+    ):
         from . import checkpoint
 
         return getattr(checkpoint, name)

@@ -112,13 +112,15 @@ class SAE(nn.Module):
     # -- scaling ------------------------------------------------------------------------
     def _scale_in(self, x: Tensor) -> Tensor:
         x = x.to(self.dtype)
-        if self.cfg.normalize_activations == "expected_average_only_in":
-            x = x * self.cfg.norm_scaling_factor
+        factor = self.cfg.norm_scaling_factor
+        if self.cfg.normalize_activations == "expected_average_only_in" and factor is not None:
+            x = x * factor
         return x
 
     def _scale_out(self, x_hat: Tensor) -> Tensor:
-        if self.cfg.normalize_activations == "expected_average_only_in":
-            x_hat = x_hat / self.cfg.norm_scaling_factor
+        factor = self.cfg.norm_scaling_factor
+        if self.cfg.normalize_activations == "expected_average_only_in" and factor is not None:
+            x_hat = x_hat / factor
         return x_hat
 
     def pre_acts(self, x: Tensor) -> Tensor:

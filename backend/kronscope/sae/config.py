@@ -51,6 +51,17 @@ def _int(d: dict[str, Any], key: str, file: str | None) -> int:
     return value
 
 
+def _bool(d: dict[str, Any], key: str, default: bool, file: str | None) -> bool:
+    value = d.get(key, default)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    if value is None:
+        return default
+    raise ConfigError(f"must be true or false, got {value!r}", field=key, file=file)
+
+
 def normalise_dtype(value: Any, file: str | None = None) -> str:
     name = str(value).removeprefix("torch.")
     if name not in DTYPES:
@@ -181,11 +192,11 @@ class SAEConfig:
             "d_in": _int(data, "d_in", file),
             "d_sae": _int(data, "d_sae", file),
             "dtype": data.get("dtype", "float32"),
-            "apply_b_dec_to_input": bool(data.get("apply_b_dec_to_input", arch != "kronsae")),
+            "apply_b_dec_to_input": _bool(data, "apply_b_dec_to_input", arch != "kronsae", file),
             "normalize_activations": data.get("normalize_activations", "none") or "none",
             "norm_scaling_factor": data.get("norm_scaling_factor"),
             "composition": data.get("composition", "mand"),
-            "rescale_acts_by_decoder_norm": bool(data.get("rescale_acts_by_decoder_norm", False)),
+            "rescale_acts_by_decoder_norm": _bool(data, "rescale_acts_by_decoder_norm", False, file),
             "metadata": copy.deepcopy(data.get("metadata") or {}),
         }
         for key in ("k", "h", "m", "n"):
