@@ -1,0 +1,1 @@
+"""Reusable test helpers (fixtures and factories), importable as ``helpers.<name>``."""
