@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from kronscope.sae import ConfigError, load, save
+from kronscope.sae import CheckpointError, ConfigError, load, save
 from kronscope.sae.checkpoint import checkpoint_hash, load_checkpoint
 
 PEERS = Path(__file__).resolve().parent.parent / "fixtures" / "peers"
@@ -254,11 +254,16 @@ def test_extra_tensors_warn(tmp_path: Path) -> None:
     folder = shutil.copytree(PEERS / "saelens_topk", tmp_path / "sae")
     weights = load_file(folder / "sae_weights.safetensors")
     save_file({**weights, "W_extra": torch.zeros(3)}, folder / "sae_weights.safetensors")
-    (folder / "optimizer.pt").write_bytes(b"not read")
     loaded = load_checkpoint(folder)
     assert any("W_extra" in w for w in loaded.warnings)
-    assert any("optimizer.pt" in w for w in loaded.warnings)
     check_outputs(loaded.sae, expected("saelens_topk"))
+
+
+def test_stray_pickle_beside_a_checkpoint_is_refused(tmp_path: Path) -> None:
+    folder = shutil.copytree(PEERS / "saelens_topk", tmp_path / "sae")
+    (folder / "optimizer.pt").write_bytes(b"never read")
+    with pytest.raises(CheckpointError, match=r"optimizer\.pt: is a pickle file"):
+        load_checkpoint(folder)
 
 
 # -- dictionary_learning: the other dictionary classes ------------------------------------

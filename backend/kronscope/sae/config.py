@@ -23,6 +23,10 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
 }
 
+# Far above any real SAE (d_in ~ 10^4, d_sae ~ 10^6); refuses absurd sizes before any
+# tensor is allocated for them.
+MAX_DIMENSION = 1 << 24
+
 # Keys this dataclass owns; everything else in a cfg.json lands in `extra`.
 _OWN_KEYS = (
     "architecture",
@@ -121,6 +125,12 @@ class SAEConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"must be a positive whole number, got {value!r}", field=key, file=file)
+            if value > MAX_DIMENSION:
+                raise ConfigError(
+                    f"{value} is larger than the largest supported size ({MAX_DIMENSION:,})",
+                    field=key,
+                    file=file,
+                )
         self.dtype = normalise_dtype(self.dtype, file)
         if self.normalize_activations not in NORMALIZATIONS:
             raise ConfigError(
@@ -150,6 +160,8 @@ class SAEConfig:
                 value = getattr(self, key)
                 if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                     raise ConfigError(f"must be a positive whole number, got {value!r}", field=key, file=file)
+                if value > MAX_DIMENSION:
+                    raise ConfigError(f"{value} is too large", field=key, file=file)
             assert self.h and self.m and self.n
             if self.h * self.m * self.n != self.d_sae:
                 raise ConfigError(

@@ -169,7 +169,13 @@ def read_folder(root: Path, budget: Budget, *, name_hint: str | None = None) -> 
         raise _what_is_missing(root, names)
     for name in sorted(names):
         if name.lower().endswith(PICKLE_SUFFIXES) and name not in imported.files:
-            imported.warnings.append(f"{name} was not read: pickle files are never loaded")
+            # Refused rather than skipped: whoever sent it may believe it is part of the
+            # checkpoint, and nothing that needs an unpickler is ever accepted.
+            raise CheckpointError(
+                "is a pickle file beside the checkpoint; pickles are never loaded. Remove it "
+                "or convert it to safetensors",
+                file=name,
+            )
     return imported
 
 
