@@ -128,6 +128,8 @@ class SAE(nn.Module):
         s = self._scale_in(x)
         if self.cfg.apply_b_dec_to_input:
             s = s - self.b_dec
+        if s.dim() == 2:  # the chunked paths: one fused GEMM, no second pass for the bias
+            return torch.addmm(self.b_enc, s, self.W_enc)
         return s @ self.W_enc + self.b_enc
 
     # -- chunking -----------------------------------------------------------------------

@@ -12,7 +12,11 @@ values.
 ``encode`` never forms all F values: every value of a head is at most the product of
 its largest base and largest extension (attained by one pair), so the k largest latents
 of a token lie in the k heads with the largest such bounds. Only those heads' k*m*n pairs
-are formed; the result equals the dense TopK (``encode_reference``) up to ties.
+are formed; the result equals the dense TopK (``encode_reference``) up to ties. The
+parents stay views of the encoder output (ReLU only on the kept ones) and heads are
+bounded in row blocks, so memory is the [B, h*(m+n)] encoder output plus O(B*k*m*n).
+For the ``product`` ablation a head's bound is the largest of its four corner products:
+max*max and min*min alone are no bound when, e.g., p < 0 < q.
 """
 
 from __future__ import annotations
@@ -23,11 +27,17 @@ from torch import Tensor
 from .base import TopKStyleSAE
 from .config import SAEConfig
 
+# Head bounds are formed for at most this many (row, head) pairs at a time, so that the
+# [block, h] temporaries stay small (2 MiB in fp32) beside the encoder output.
+_BOUND_ELEMS = 1 << 19
+
 
 def safe_sqrt(x: Tensor) -> Tensor:
     """``sqrt(x)`` for x > 0 and 0 elsewhere, with a zero (not infinite) gradient at 0."""
     positive = x > 0
-    return torch.where(positive, torch.where(positive, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
+    return torch.where(
+        positive, torch.where(positive, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x)
+    )
 
 
 def mand(u: Tensor, v: Tensor) -> Tensor:
@@ -95,9 +105,14 @@ class KronSAE(TopKStyleSAE):
         return [self.index_of(head, i, extension) for i in range(self.m)]
 
     # -- parents ------------------------------------------------------------------------
-    def _parents(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _raw_parents(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """[..., d_in] -> views of the affine encoder's output, before any ReLU:
+        base [..., h, m] and extension [..., h, n] (no copy)."""
         a = self.pre_acts(x).reshape(*x.shape[:-1], self.h, self.m + self.n)
-        p, q = a[..., : self.m], a[..., self.m :]
+        return a[..., : self.m], a[..., self.m :]
+
+    def _parents(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        p, q = self._raw_parents(x)
         if self.composition != "product":  # the u*v ablation has no ReLU on its parents
             p, q = torch.relu(p), torch.relu(q)
         return p, q
@@ -124,35 +139,63 @@ class KronSAE(TopKStyleSAE):
         return values, indices
 
     def _encode_sparse(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        p, q = self._parents(x)  # [B, h, m], [B, h, n]
+        # The parents stay views of the encoder output: ReLU is applied only to what is kept.
+        p, q = self._raw_parents(x)  # [B, h, m], [B, h, n]
         return self._topk_from_parents(p, q)
 
+    def _top_heads(self, p: Tensor, q: Tensor, k: int) -> Tensor:
+        """[B, k] (unordered): the k heads of each row with the largest bounds, where a
+        head's bound is its largest pre-sqrt value, attained by one of its pairs.
+
+        Rows go in blocks so that the [block, h] bounds stay small beside the parents."""
+        rows = p.shape[0]
+        block = max(1, _BOUND_ELEMS // self.h)
+        heads = torch.empty(rows, k, dtype=torch.int64, device=p.device)
+        for lo in range(0, rows, block):
+            pb, qb = p[lo : lo + block], q[lo : lo + block]
+            if self.composition == "product":
+                # u*v is bilinear: its maximum over a head is one of the four corner products
+                # (max*max and min*min alone miss e.g. p < 0 < q, where it is max(p)*min(q)).
+                pmin, pmax = torch.aminmax(pb, dim=-1)
+                qmin, qmax = torch.aminmax(qb, dim=-1)
+                bound = torch.maximum(pmax * qmax, pmin * qmin)
+                bound = torch.maximum(bound, torch.maximum(pmax * qmin, pmin * qmax))
+            else:
+                # relu(max) == max(relu): clamp the [block, h] maxima, never the parents.
+                bound = pb.amax(-1).clamp_min_(0).mul_(qb.amax(-1).clamp_min_(0))
+            heads[lo : lo + block] = bound.topk(k, dim=-1, sorted=False).indices
+        return heads
+
     def _topk_from_parents(self, p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+        """Exact TopK of all latents from their parents, forming only k*m*n pairs a row.
+
+        ``p`` [B, h, m] and ``q`` [B, h, n] may be raw or already ReLU'd (ReLU is
+        idempotent and applied here to the kept parents only); any strides."""
         rows, h, m, n, k = p.shape[0], self.h, self.m, self.n, self.k
         mn = m * n
-        # Per-head upper bound on the pre-sqrt value; the bound is attained by one pair.
-        if self.composition == "product":
-            pmax, pmin = p.amax(-1), p.amin(-1)
-            qmax, qmin = q.amax(-1), q.amin(-1)
-            bound = torch.stack([pmax * qmax, pmin * qmin, pmax * qmin, pmin * qmax]).amax(0)
+        relu = self.composition != "product"
+        if k >= h:  # every head is kept: no selection to make
+            ps, qs = (torch.relu(p), torch.relu(q)) if relu else (p, q)
+            top = (ps.unsqueeze(-1) * qs.unsqueeze(-2)).reshape(rows, h * mn).topk(k, dim=-1)
+            indices = top.indices
         else:
-            bound = p.amax(-1) * q.amax(-1)  # p, q >= 0
-        kh = min(k, h)
-        heads = bound.topk(kh, dim=-1).indices  # [B, kh]
-        ps = p.gather(1, heads.unsqueeze(-1).expand(rows, kh, m))
-        qs = q.gather(1, heads.unsqueeze(-1).expand(rows, kh, n))
-        pairs = (ps.unsqueeze(-1) * qs.unsqueeze(-2)).reshape(rows, kh * mn)
-        top = pairs.topk(k, dim=-1)
-        slot, within = top.indices // mn, top.indices % mn
-        indices = heads.gather(1, slot) * mn + within
+            # The k largest latents lie in the k heads with the largest bounds (each of
+            # those heads holds one latent at its bound, which no other head exceeds).
+            # Selection needs no gradient; the kept pairs get theirs through the gathers.
+            with torch.no_grad():
+                heads = self._top_heads(p.detach(), q.detach(), k)  # [B, k]
+            # Row-wise index_select of whole head blocks (far faster than gather).
+            flat = (heads + torch.arange(rows, device=heads.device).unsqueeze(1) * h).reshape(-1)
+            ps = p.reshape(rows * h, m).index_select(0, flat).view(rows, k, m)
+            qs = q.reshape(rows * h, n).index_select(0, flat).view(rows, k, n)
+            if relu:
+                ps, qs = torch.relu(ps), torch.relu(qs)
+            pairs = (ps.unsqueeze(-1) * qs.unsqueeze(-2)).reshape(rows, k * mn)
+            top = pairs.topk(k, dim=-1)  # sorted: values largest first
+            indices = heads.gather(1, top.indices // mn) * mn + top.indices % mn
+        # sqrt is monotonic: apply it to the k kept values only (zero gradient at 0).
         values = safe_sqrt(top.values) if self.composition == "mand" else top.values
         return values, indices
-
-    def _encode_dense(self, x: Tensor) -> Tensor:
-        values, indices = self._encode_sparse(x)
-        return torch.zeros(x.shape[0], self.d_sae, dtype=values.dtype, device=values.device).scatter(
-            -1, indices, values
-        )
 
     def all_latents(self, x: Tensor) -> Tensor:
         """[..., d_in] -> [..., F]: every latent's composed value before TopK (large!)."""
@@ -162,7 +205,10 @@ class KronSAE(TopKStyleSAE):
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """W_enc ~ N(0,1)/sqrt(2F), biases 0; decoder row (g,i,j) = P[g,i] + Q[g,j], unit norm."""
-        w = torch.randn(self.W_enc.shape, generator=generator, dtype=torch.float32) / (2 * self.d_sae) ** 0.5
+        w = (
+            torch.randn(self.W_enc.shape, generator=generator, dtype=torch.float32)
+            / (2 * self.d_sae) ** 0.5
+        )
         self.W_enc.copy_(w)
         self.b_enc.zero_()
         self.b_dec.zero_()

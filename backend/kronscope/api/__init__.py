@@ -1,0 +1,29 @@
+"""The JSON API under ``/api/v1``.
+
+Each module of ``kronscope.api.routes`` exposes ``router`` (an ``APIRouter`` using
+``APIRouteChecked``); ``api_router()`` includes them all, so adding a resource never
+touches another one's module.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from fastapi import APIRouter
+
+from . import routes
+
+PREFIX = "/api/v1"
+
+
+def api_router() -> APIRouter:
+    root = APIRouter(prefix=PREFIX)
+    for info in sorted(pkgutil.iter_modules(routes.__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{routes.__name__}.{info.name}")
+        router = getattr(module, "router", None)
+        if isinstance(router, APIRouter):
+            root.include_router(router)
+    return root

@@ -1,0 +1,108 @@
+"""Typed dependencies, so route signatures read like a sentence:
+``def delete(sae: SAEDep, session: SessionDep, caller: DeleterDep)``.
+
+- ``SessionDep``: one session per request, committed when the route returns (before the
+  response is sent, so a failed commit is an error response) and rolled back on error.
+- ``SAEDep``: the ``{sae}`` path parameter resolved to its row (404 in plain words).
+- ``ReaderDep``: reads are public unless ``require_key_for_reads``; then any live key.
+- ``UploaderDep`` / ``DeleterDep`` / ``ExplainerDep`` / ``JobsDep``: a key with that scope
+  (401 without a valid key, 403 without the scope); the key's name is the author.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Annotated
+
+from fastapi import Depends, Path, Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from ..config import Settings
+from ..db.models import Sae
+from ..services import keys as key_service
+from ..services import sae_registry, tx
+from ..services.errors import ServiceUnavailable
+from ..services.keys import Caller
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    state = request.app.state
+    if not state.migrated and not state.ensure_ready():
+        raise ServiceUnavailable(
+            "The database cannot be reached right now; try again in a few seconds."
+        )
+    session: Session = state.sessionmaker()
+    try:
+        yield session
+        tx.commit(session)
+    except BaseException:
+        tx.rollback(session)
+        raise
+    finally:
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+_bearer = HTTPBearer(auto_error=False, description="An API key: 'Authorization: Bearer <key>'.")
+_api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key.")
+
+
+def _plain_key(
+    bearer: HTTPAuthorizationCredentials | None, x_api_key: str | None, request: Request
+) -> str | None:
+    if x_api_key and x_api_key.strip():
+        return x_api_key.strip()
+    if bearer is not None:
+        return bearer.credentials
+    # An Authorization header that is not "Bearer ..." deserves its own message.
+    return key_service.key_from_headers(request.headers.get("authorization"), None)
+
+
+def require_scope(scope: str | None) -> Callable[..., Caller]:
+    def dependency(
+        request: Request,
+        session: SessionDep,
+        bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+        x_api_key: Annotated[str | None, Security(_api_key)],
+    ) -> Caller:
+        return key_service.authenticate(session, _plain_key(bearer, x_api_key, request), scope)
+
+    dependency.__name__ = f"require_{scope or 'key'}"
+    return dependency
+
+
+def require_read(request: Request, settings: SettingsDep, session: SessionDep) -> Caller | None:
+    # Reads are public by default, so the schema declares no security for them; with
+    # require_key_for_reads the same headers as for writes are read here.
+    if not settings.require_key_for_reads:
+        return None
+    plain = key_service.key_from_headers(
+        request.headers.get("authorization"), request.headers.get("x-api-key")
+    )
+    return key_service.authenticate(session, plain, None)
+
+
+ReaderDep = Annotated[Caller | None, Depends(require_read)]
+UploaderDep = Annotated[Caller, Depends(require_scope("upload"))]
+DeleterDep = Annotated[Caller, Depends(require_scope("delete"))]
+ExplainerDep = Annotated[Caller, Depends(require_scope("explanations"))]
+JobsDep = Annotated[Caller, Depends(require_scope("jobs"))]
+
+
+def get_sae(
+    session: SessionDep,
+    sae: Annotated[str, Path(min_length=1, max_length=128, description="The SAE's slug.")],
+) -> Sae:
+    return sae_registry.get_sae(session, sae)
+
+
+SAEDep = Annotated[Sae, Depends(get_sae)]
