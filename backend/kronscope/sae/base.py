@@ -90,7 +90,11 @@ class SAE(nn.Module):
         expected = self.tensor_shapes()
         missing = sorted(set(expected) - set(tensors))
         if missing:
-            raise CheckpointError(f"tensor missing (expected {', '.join(sorted(expected))})", file=file, field=missing[0])
+            raise CheckpointError(
+                f"tensor missing (expected {', '.join(sorted(expected))})",
+                file=file,
+                field=missing[0],
+            )
         with torch.no_grad():
             for name, shape in expected.items():
                 t = tensors[name]
@@ -101,7 +105,11 @@ class SAE(nn.Module):
                         field=name,
                     )
                 if not t.is_floating_point():
-                    raise CheckpointError(f"has dtype {t.dtype}, expected a floating-point tensor", file=file, field=name)
+                    raise CheckpointError(
+                        f"has dtype {t.dtype}, expected a floating-point tensor",
+                        file=file,
+                        field=name,
+                    )
                 if not torch.isfinite(t).all():
                     raise CheckpointError("contains NaN or infinite values", file=file, field=name)
                 getattr(self, name).copy_(t.to(self.dtype))
@@ -135,7 +143,9 @@ class SAE(nn.Module):
     # -- chunking -----------------------------------------------------------------------
     def _check_input(self, x: Tensor) -> None:
         if x.shape[-1] != self.d_in:
-            raise ValueError(f"expected activations of width d_in = {self.d_in}, got shape {list(x.shape)}")
+            raise ValueError(
+                f"expected activations of width d_in = {self.d_in}, got shape {list(x.shape)}"
+            )
 
     def _chunked(self, fn: Callable[[Tensor], tuple[Tensor, ...]], x: Tensor) -> tuple[Tensor, ...]:
         """Apply ``fn`` to [rows, d_in] chunks of ``x`` and restore the leading dimensions."""
@@ -219,9 +229,9 @@ class TopKStyleSAE(SAE):
 
     def _encode_dense(self, x: Tensor) -> Tensor:
         values, indices = self._encode_sparse(x)
-        return torch.zeros(x.shape[0], self.d_sae, dtype=values.dtype, device=values.device).scatter(
-            -1, indices, values
-        )
+        return torch.zeros(
+            x.shape[0], self.d_sae, dtype=values.dtype, device=values.device
+        ).scatter(-1, indices, values)
 
     def top_latents(self, x: Tensor, k: int) -> EncodeOutput:
         if k >= self.k:

@@ -124,7 +124,9 @@ class SAEConfig:
         for key in ("d_in", "d_sae"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"must be a positive whole number, got {value!r}", field=key, file=file)
+                raise ConfigError(
+                    f"must be a positive whole number, got {value!r}", field=key, file=file
+                )
             if value > MAX_DIMENSION:
                 raise ConfigError(
                     f"{value} is larger than the largest supported size ({MAX_DIMENSION:,})",
@@ -140,7 +142,13 @@ class SAEConfig:
             )
         if self.normalize_activations == "expected_average_only_in":
             f = self.norm_scaling_factor
-            if isinstance(f, bool) or not isinstance(f, int | float) or not f > 0 or f != f or f == float("inf"):
+            if (
+                isinstance(f, bool)
+                or not isinstance(f, int | float)
+                or not f > 0
+                or f != f
+                or f == float("inf")
+            ):
                 raise ConfigError(
                     "a positive finite number is required when normalize_activations is "
                     f"expected_average_only_in, got {f!r}",
@@ -150,16 +158,22 @@ class SAEConfig:
         if self.architecture in ("topk", "kronsae"):
             k = self.k
             if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
-                raise ConfigError(f"must be a positive whole number, got {k!r}", field="k", file=file)
+                raise ConfigError(
+                    f"must be a positive whole number, got {k!r}", field="k", file=file
+                )
             if k > self.d_sae:
                 raise ConfigError(
-                    f"k = {k} is larger than the dictionary (d_sae = {self.d_sae})", field="k", file=file
+                    f"k = {k} is larger than the dictionary (d_sae = {self.d_sae})",
+                    field="k",
+                    file=file,
                 )
         if self.architecture == "kronsae":
             for key in ("h", "m", "n"):
                 value = getattr(self, key)
                 if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                    raise ConfigError(f"must be a positive whole number, got {value!r}", field=key, file=file)
+                    raise ConfigError(
+                        f"must be a positive whole number, got {value!r}", field=key, file=file
+                    )
                 if value > MAX_DIMENSION:
                     raise ConfigError(f"{value} is too large", field=key, file=file)
             assert self.h and self.m and self.n
@@ -208,7 +222,9 @@ class SAEConfig:
             "normalize_activations": data.get("normalize_activations", "none") or "none",
             "norm_scaling_factor": data.get("norm_scaling_factor"),
             "composition": data.get("composition", "mand"),
-            "rescale_acts_by_decoder_norm": _bool(data, "rescale_acts_by_decoder_norm", False, file),
+            "rescale_acts_by_decoder_norm": _bool(
+                data, "rescale_acts_by_decoder_norm", False, file
+            ),
             "metadata": copy.deepcopy(data.get("metadata") or {}),
         }
         for key in ("k", "h", "m", "n"):
