@@ -6,8 +6,11 @@ BIN := $(VENV)/bin
 # CUDA the same pin from PyPI is the CUDA build. Override: make TORCH_SPEC="torch==2.x" ...
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# e.g. make demo DEMO_ARGS="--port 8080"; make serve SERVE_ARGS="--port 8080"
+DEMO_ARGS ?=
+SERVE_ARGS ?=
 
-.PHONY: install test lint typecheck bench clean
+.PHONY: install demo serve test lint typecheck bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +25,14 @@ $(VENV)/.installed: pyproject.toml Makefile | $(BIN)/python
 	touch $@
 
 install: $(VENV)/.installed
+
+# Train a KronSAE on SmolLM2 (layer 12), harvest, explain, create a key, serve on :8000.
+# Every finished stage is reused the next time.
+demo: install
+	$(BIN)/kronscope demo $(DEMO_ARGS)
+
+serve: install
+	$(BIN)/kronscope serve $(SERVE_ARGS)
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

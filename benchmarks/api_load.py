@@ -54,7 +54,9 @@ MODEL, HOOK = "minilm-l6", "encoder.layer.3"
 def fresh_database(base_url: str, keep: bool) -> Iterator[str]:
     base = make_url(base_url)
     name = f"kronscope_bench_{secrets.token_hex(4)}"
-    admin = sa.create_engine(base.set(database="postgres"), isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    admin = sa.create_engine(
+        base.set(database="postgres"), isolation_level="AUTOCOMMIT", poolclass=NullPool
+    )
     with admin.connect() as conn:
         conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
     try:
@@ -125,6 +127,7 @@ def real_harvest(settings: Any, slug: str, tokens: int, ctx_len: int) -> str:
     runner = JobRunner(factory, settings)
     t0 = time.perf_counter()
     runner.run_once()
+    seconds = time.perf_counter() - t0
     with factory() as s:
         from kronscope.db.repositories import jobs
 
@@ -132,12 +135,17 @@ def real_harvest(settings: Any, slug: str, tokens: int, ctx_len: int) -> str:
         assert done is not None
         if done.status != "complete":
             raise RuntimeError(f"the harvest job ended {done.status}: {done.error}")
+    analyze(engine)
     engine.dispose()
-    return f"real harvest of {MODEL} ({HOOK}) over {tokens:,} tokens of the built-in corpus, ctx_len {ctx_len}, in {time.perf_counter() - t0:.0f} s"
+    return (
+        f"real harvest of {MODEL} ({HOOK}) over {tokens:,} tokens of the built-in corpus, "
+        f"ctx_len {ctx_len}, in {seconds:.0f} s"
+    )
 
 
 def analyze(engine: Any) -> None:
-    """Refresh the planner's statistics after a bulk load (autovacuum would, later)."""
+    """Refresh the planner's statistics after the bulk load, as autovacuum does within a
+    minute or so: the load should measure the steady state, not the first minute."""
     if engine.dialect.name == "postgresql":
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.exec_driver_sql("ANALYZE")
@@ -160,7 +168,9 @@ def synthetic_harvest(settings: Any, slug: str, ctx_len: int, examples: int, sam
     with factory() as s:
         sae = saes.get_sae_by_slug(s, slug)
         assert sae is not None
-        h = harvests.create_harvest(s, sae.id, corpus_name="synthetic", n_tokens=n_ctx * ctx_len, ctx_len=ctx_len)
+        h = harvests.create_harvest(
+            s, sae.id, corpus_name="synthetic", n_tokens=n_ctx * ctx_len, ctx_len=ctx_len
+        )
         harvests.mark_running(s, h.id)
         ex.add_tokens(s, h.id, {i: f"tok{i}" for i in range(2000)})
         ctx_ids = ex.add_contexts(
@@ -185,7 +195,9 @@ def synthetic_harvest(settings: Any, slug: str, ctx_len: int, examples: int, sam
                         "max_value": float(top[0]),
                         "histogram": rng.integers(0, 100, len(edges) - 1),
                         "histogram_edges": edges,
-                        "neighbours": [[int(j), float(rng.random())] for j in rng.integers(0, F, 10)]
+                        "neighbours": [
+                            [int(j), float(rng.random())] for j in rng.integers(0, F, 10)
+                        ]
                         if kind == UnitKind.LATENT
                         else None,
                     }
@@ -193,7 +205,14 @@ def synthetic_harvest(settings: Any, slug: str, ctx_len: int, examples: int, sam
                 for rank in range(examples):
                     values = (rng.random(ctx_len) * top[rank]).astype(np.float32)
                     rows.append(
-                        ex.ExampleRow(int(kind), index, int(ExampleKind.TOP), rank, int(rng.choice(contexts)), values)
+                        ex.ExampleRow(
+                            int(kind),
+                            index,
+                            int(ExampleKind.TOP),
+                            rank,
+                            int(rng.choice(contexts)),
+                            values,
+                        )
                     )
                 for rank in range(samples):
                     values = (rng.random(ctx_len) * top[0]).astype(np.float32)
@@ -305,14 +324,23 @@ async def client_loop(
                 errors.append(f"{path}: HTTP {r.status_code} {r.text[:200]}")
 
 
-async def run_load(base: str, slug: str, clients: int, seconds: float) -> tuple[dict[str, list[float]], list[str], float]:
+async def run_load(
+    base: str, slug: str, clients: int, seconds: float
+) -> tuple[dict[str, list[float]], list[str], float]:
     results: dict[str, list[float]] = {}
     errors: list[str] = []
     # warm-up: connections, caches
-    await asyncio.gather(*(client_loop(1000 + c, base, slug, time.perf_counter() + 2, {}, []) for c in range(clients)))
+    await asyncio.gather(
+        *(
+            client_loop(1000 + c, base, slug, time.perf_counter() + 2, {}, [])
+            for c in range(clients)
+        )
+    )
     t0 = time.perf_counter()
     until = t0 + seconds
-    await asyncio.gather(*(client_loop(c, base, slug, until, results, errors) for c in range(clients)))
+    await asyncio.gather(
+        *(client_loop(c, base, slug, until, results, errors) for c in range(clients))
+    )
     return results, errors, time.perf_counter() - t0
 
 
@@ -322,12 +350,23 @@ def pct(values: list[float], q: float) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pg-url", default=os.environ.get("KRONSCOPE_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"))
-    ap.add_argument("--duration", type=float, default=20.0, help="Seconds of load (after 2 s of warm-up).")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--pg-url",
+        default=os.environ.get(
+            "KRONSCOPE_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+        ),
+    )
+    ap.add_argument(
+        "--duration", type=float, default=20.0, help="Seconds of load (after 2 s of warm-up)."
+    )
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--workers", type=int, default=1, help="Server processes.")
-    ap.add_argument("--synthetic", action="store_true", help="Write random pages instead of harvesting.")
+    ap.add_argument(
+        "--synthetic", action="store_true", help="Write random pages instead of harvesting."
+    )
     ap.add_argument("--tokens", type=int, default=16_384, help="Tokens of a real harvest.")
     ap.add_argument("--ctx-len", type=int, default=64)
     ap.add_argument("--keep", action="store_true", help="Keep the database and data dir.")
@@ -340,10 +379,14 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="kronscope-bench-"))
     try:
         with fresh_database(args.pg_url, args.keep) as url:
-            settings = Settings(data_dir=work / "data", database_url=url, device="cpu", run_jobs_in_process=False)
+            settings = Settings(
+                data_dir=work / "data", database_url=url, device="cpu", run_jobs_in_process=False
+            )
             t0 = time.perf_counter()
             slug = register(settings, make_checkpoint(work / "ckpt"))
-            print(f"SAE: KronSAE F={F:,} (h={H}, m={M}, n={N}, k={K}, d_in={D_IN}), random weights, slug {slug}")
+            print(
+                f"SAE: KronSAE F={F:,} (h={H}, m={M}, n={N}, k={K}, d_in={D_IN}), random weights, slug {slug}"
+            )
             pages = None
             if not args.synthetic:
                 try:
@@ -362,7 +405,9 @@ def main() -> int:
             }
             port = free_port()
             with server(env, port, args.workers) as base:
-                results, errors, elapsed = asyncio.run(run_load(base, slug, args.clients, args.duration))
+                results, errors, elapsed = asyncio.run(
+                    run_load(base, slug, args.clients, args.duration)
+                )
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -377,7 +422,9 @@ def main() -> int:
     for kind in sorted(results):
         v = results[kind]
         everything += v
-        print(f"{kind:<10}{len(v):>10}{statistics.median(v):>10.1f}{pct(v, 90):>10.1f}{pct(v, 99):>10.1f}{max(v):>10.1f}")
+        print(
+            f"{kind:<10}{len(v):>10}{statistics.median(v):>10.1f}{pct(v, 90):>10.1f}{pct(v, 99):>10.1f}{max(v):>10.1f}"
+        )
     if everything:
         print(
             f"{'all':<10}{len(everything):>10}{statistics.median(everything):>10.1f}"

@@ -97,6 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = make_engine(settings.resolved_database_url)
         app.state.engine = engine
         app.state.sessionmaker = make_sessionmaker(engine)
+        app.state.write_sessionmaker = make_sessionmaker(engine, begin_immediate=True)
         app.state.migrated = False
         app.state.migrate_lock = threading.Lock()
         app.state.job_runner = None

@@ -375,7 +375,7 @@ def test_stopped_worker_hands_the_harvest_back_and_it_resumes(
         assert upload(c, folder, auth, slug="resumed-harvest").status_code == 201
         r = c.post(
             "/api/v1/saes/resumed-harvest/harvests",
-            json={"corpus": "tiny.txt", "tokens": 4096, "ctx_len": 16, "batch_size": 1},
+            json={"corpus": "tiny.txt", "tokens": 2048, "ctx_len": 16, "batch_size": 1},
             headers=auth,
         )
         job_id = r.json()["job"]["id"]

@@ -618,5 +618,7 @@ def test_bad_save_writes_nothing(name: str, container: str, tmp_path: Path) -> N
 def test_absurd_dimension_is_refused_before_allocating(tmp_path: Path, field_name: str) -> None:
     folder = native(tmp_path)
     edit_cfg(folder, **{field_name: 2**63})
-    with pytest.raises(ConfigError, match=rf"'{field_name}'.*larger than the largest supported size"):
+    with pytest.raises(
+        ConfigError, match=rf"'{field_name}'.*larger than the largest supported size"
+    ):
         load_checkpoint(folder)

@@ -2,7 +2,8 @@
 ``def delete(sae: SAEDep, session: SessionDep, caller: DeleterDep)``.
 
 - ``SessionDep``: one session per request, committed when the route returns (before the
-  response is sent, so a failed commit is an error response) and rolled back on error.
+  response is sent, so a failed commit is an error response) and rolled back on error;
+  on SQLite, writing methods begin with the write lock held (``BEGIN IMMEDIATE``).
 - ``SAEDep``: the ``{sae}`` path parameter resolved to its row (404 in plain words).
 - ``ReaderDep``: reads are public unless ``require_key_for_reads``; then any live key.
 - ``UploaderDep`` / ``DeleterDep`` / ``ExplainerDep`` / ``JobsDep``: a key with that scope
@@ -17,6 +18,7 @@ from typing import Annotated
 from fastapi import Depends, Path, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from ..config import Settings
 from ..db.models import Sae
@@ -26,7 +28,7 @@ from ..services.errors import ServiceUnavailable
 from ..services.keys import Caller
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:  # async: no thread hop for a lookup
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
@@ -39,7 +41,13 @@ def get_session(request: Request) -> Iterator[Session]:
         raise ServiceUnavailable(
             "The database cannot be reached right now; try again in a few seconds."
         )
-    session: Session = state.sessionmaker()
+    # Writes take SQLite's write lock when they begin (BEGIN IMMEDIATE): a transaction that
+    # reads and then writes could otherwise fail at once if another writer (the job runner)
+    # committed in between. Reads stay deferred, so they never wait for a writer.
+    if request.method in ("POST", "PUT", "PATCH", "DELETE"):
+        session: Session = state.write_sessionmaker()
+    else:
+        session = state.sessionmaker()
     try:
         yield session
         tx.commit(session)
@@ -80,9 +88,9 @@ def require_scope(scope: str | None) -> Callable[..., Caller]:
     return dependency
 
 
-def require_read(request: Request, settings: SettingsDep, session: SessionDep) -> Caller | None:
-    # Reads are public by default, so the schema declares no security for them; with
-    # require_key_for_reads the same headers as for writes are read here.
+def require_read(request: Request, settings: Settings, session: Session) -> Caller | None:
+    """Reads are public unless ``require_key_for_reads``; then any live key (sync, for
+    callers that check access themselves)."""
     if not settings.require_key_for_reads:
         return None
     plain = key_service.key_from_headers(
@@ -91,7 +99,17 @@ def require_read(request: Request, settings: SettingsDep, session: SessionDep) -
     return key_service.authenticate(session, plain, None)
 
 
-ReaderDep = Annotated[Caller | None, Depends(require_read)]
+async def read_access(
+    request: Request, settings: SettingsDep, session: SessionDep
+) -> Caller | None:
+    # The schema declares no security for reads (they are public by default). Async, so
+    # that the public case costs no thread hop.
+    if not settings.require_key_for_reads:
+        return None
+    return await run_in_threadpool(require_read, request, settings, session)
+
+
+ReaderDep = Annotated[Caller | None, Depends(read_access)]
 UploaderDep = Annotated[Caller, Depends(require_scope("upload"))]
 DeleterDep = Annotated[Caller, Depends(require_scope("delete"))]
 ExplainerDep = Annotated[Caller, Depends(require_scope("explanations"))]

@@ -107,6 +107,8 @@ def _reason(err: dict[str, Any]) -> str:
         return f"must be {words[0]} {ctx.get(words[1])}"
     if kind == "string_too_long":
         return f"must have at most {ctx.get('max_length')} characters"
+    if kind in ("string_too_short", "too_short") and ctx.get("min_length") == 1:
+        return "must not be empty"
     if kind == "string_too_short":
         return f"must have at least {ctx.get('min_length')} characters"
     if kind == "literal_error":

@@ -37,17 +37,32 @@ ParentKind = Literal["base", "extension"]
 
 
 # -- models --------------------------------------------------------------------------------------
+# Said in the schema only, so that a refusal keeps the service's own plain message: some
+# character that is not whitespace, and no NUL.
+TEXT_SCHEMA: dict[str, Any] = {"pattern": r"^[^\x00]*[^\s\x00][^\x00]*$"}
+
+
 class ExplanationIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    text: str = Field(min_length=1, max_length=svc.MAX_TEXT * 2, description="The explanation.")
+    text: str = Field(
+        min_length=1,
+        max_length=svc.MAX_TEXT * 2,
+        description="The explanation Not blank, no NUL characters.",
+        json_schema_extra=TEXT_SCHEMA,
+    )
     score: float | None = Field(default=None, allow_inf_nan=False, description="Optional score.")
 
 
 class ExplanationEdit(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    text: str = Field(min_length=1, max_length=svc.MAX_TEXT * 2, description="The new version.")
+    text: str = Field(
+        min_length=1,
+        max_length=svc.MAX_TEXT * 2,
+        description="The new version Not blank, no NUL characters.",
+        json_schema_extra=TEXT_SCHEMA,
+    )
 
 
 class UnitOut(BaseModel):

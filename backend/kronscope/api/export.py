@@ -42,7 +42,11 @@ def export_sae(
     ] = "zip",
     sections: Annotated[
         str,
-        Query(max_length=100, description="Comma-separated: features, activations, explanations."),
+        Query(
+            max_length=100,
+            pattern=r"^(features|explanations|activations)(,(features|explanations|activations))*$",
+            description="Comma-separated: features, activations, explanations.",
+        ),
     ] = "features,activations,explanations",
     parents: Annotated[bool, Query(description="KronSAE: include the parents' records.")] = True,
 ) -> StreamingResponse:

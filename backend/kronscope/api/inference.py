@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.json_schema import SkipJsonSchema
 from starlette.concurrency import run_in_threadpool
 
 from ..db.models import UnitKind
@@ -42,10 +43,18 @@ _BUSY: dict[int | str, dict[str, Any]] = {
 
 # -- request and response models -------------------------------------------------------------
 class ActivationsRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # "exactly one of text and texts", said in the schema too (null is not offered there)
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"oneOf": [{"required": ["text"]}, {"required": ["texts"]}]},
+    )
 
-    text: str | None = Field(default=None, description="One text. Send this or `texts`.")
-    texts: list[str] | None = Field(default=None, description="Several texts, run together.")
+    text: str | SkipJsonSchema[None] = Field(
+        default=None, min_length=1, description="One text. Send this or `texts`."
+    )
+    texts: list[str] | SkipJsonSchema[None] = Field(
+        default=None, description="Several texts, run together."
+    )
     latents: list[int] | None = Field(
         default=None,
         description="Latents whose value (and parents' values) to return at every token.",
@@ -68,11 +77,11 @@ class ActivationsRequest(BaseModel):
 class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    text: str = Field(description="The text to search latents on.")
+    text: str = Field(min_length=1, description="The text to search latents on.")
     rank_by: Literal["max", "sum"] = Field(
         default="max", description="Rank by the maximum or the sum over positions."
     )
-    positions: list[int] | None = Field(
+    positions: list[Annotated[int, Field(ge=0)]] | None = Field(
         default=None,
         description="Token positions to restrict to (default: every non-special token).",
     )

@@ -138,7 +138,7 @@ def resolve_model(
     if models_dir is not None:
         if is_plain_name(name):
             folder = Path(models_dir) / name
-            if folder.is_dir():
+            if _is_dir(folder):
                 source = _folder_source(name, folder)
                 if source is None:
                     raise ModelNotFoundError(
@@ -156,7 +156,7 @@ def resolve_model(
 
     if allow_paths:
         path = Path(name).expanduser()
-        if path.is_dir():
+        if _is_dir(path):
             source = _folder_source(name, path.resolve())
             if source is None:
                 raise ModelNotFoundError(
@@ -173,3 +173,11 @@ def resolve_model(
         looked.append("the Hugging Face hub (disabled; set KRONSCOPE_ALLOW_HUB_MODELS=true)")
 
     raise ModelNotFoundError(f"model {name!r} not found; looked in: " + "; ".join(looked))
+
+
+def _is_dir(path: Path) -> bool:
+    """``path.is_dir()``, false where the name cannot even be looked up (too long, a NUL)."""
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):
+        return False

@@ -12,10 +12,10 @@ Every stage is the real code path, and every stage is reused when its result exi
 - **register**: ``sae_registry.register_checkpoint``, the upload's own service (validation,
   native copy under ``data_dir/saes``, one row). The same weights already registered
   (same content hash) are reused.
-- **harvest**: a harvest job (``harvest_jobs.start_harvest``, as ``POST .../harvests``)
-  run here by a ``JobRunner``, as ``kronscope worker`` runs it. An SAE with an active
-  (complete) harvest is not harvested again; a job left queued by an interrupted demo is
-  run, and resumes from the state it saved.
+- **harvest**: the harvest engine's pass (``harvest.runner.harvest``, what harvest jobs
+  and ``kronscope harvest`` run) over the first contexts of the corpus, written in one
+  transaction. An SAE with an active (complete) harvest is not harvested again; an
+  interrupted pass resumes from the state it saved.
 - **explain**: heuristic explanations of latents and parents (``explanations.generate``,
   as ``kronscope explain``). It writes everything in one transaction, so any heuristic
   explanation of the SAE means the stage is done.
@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -87,8 +86,9 @@ class DemoConfig:
     dead_window: int = 10_000_000
     """Tokens without firing after which a latent is dead (the paper's 10M, so AuxK stays
     off in so short a run: a shorter window cost 30% more time for no better fit)."""
-    eval_tokens: int = 2048
-    """Held-out tokens for the final metrics (with LM loss); 0 skips them."""
+    eval_tokens: int = 1024
+    """Held-out tokens for the final metrics (with LM loss: three passes of the whole
+    model, the costly part); 0 skips them."""
     harvest_tokens: int = 32_768
     harvest_ctx_len: int = 64
     examples_per_latent: int = 20
@@ -285,7 +285,10 @@ def train_stage(
     def evaluator(sae: Any) -> dict[str, Any]:
         from ..sae.evaluate import evaluate_on_contexts
 
-        say(f"measuring on {cfg.eval_tokens:,} held-out tokens (with LM loss)")
+        say(
+            f"measuring on {cfg.eval_tokens:,} held-out tokens, then the LM loss clean, with "
+            "the SAE spliced in and zero-ablated (three passes of the whole model)"
+        )
         result = evaluate_on_contexts(
             sae,
             data.model,
@@ -371,7 +374,6 @@ def metrics_line(metrics: dict[str, Any]) -> str:
     names = (
         ("ev", "explained variance"),
         ("l0", "L0"),
-        ("dead_fraction", "dead"),
         ("delta_lm_loss", "delta LM loss"),
         ("loss_recovered", "loss recovered"),
     )
@@ -420,21 +422,25 @@ def harvest_stage(
     say: Say,
     *,
     progress: bool = True,
-    poll_s: float = 0.5,
 ) -> HarvestOutcome:
-    """Harvest the SAE with a job run in this process (reused when one is complete)."""
-    from ..db.models import JobKind, JobStatus
+    """Harvest the registered SAE with the harvest engine (``harvest.runner``, the pass
+    ``kronscope harvest`` and the harvest jobs run); reused when the SAE has an active
+    harvest. An interrupted pass resumes from the state it saved."""
+    import math
+
+    from ..config import resolve_device
     from ..db.repositories import harvests as harvest_repo
-    from ..db.repositories import jobs as job_repo
     from ..db.repositories import saes as sae_repo
-    from . import tx
-    from .errors import Conflict
-    from .harvest_jobs import start_harvest
-    from .jobs import JobRunner, default_handlers
+    from ..harvest import HarvestParams
+    from ..harvest.runner import HarvestProgress, harvest
+    from ..lm import load_corpus, load_model, make_contexts
+    from ..sae import load as load_sae
+    from .harvest_jobs import resolve_corpus
+    from .sae_registry import sae_folder
 
     with factory() as s:
-        sae = sae_repo.get_sae(s, sae_id)
-        if sae is None:
+        row = sae_repo.get_sae(s, sae_id)
+        if row is None:
             raise DemoError("the demo SAE disappeared from the database")
         active = harvest_repo.get_active_harvest(s, sae_id)
         if active is not None:
@@ -442,78 +448,82 @@ def harvest_stage(
                 f"reusing harvest {active.id} ({active.tokens_seen:,} tokens, {active.corpus_name})"
             )
             return HarvestOutcome(active.id, reused=True, tokens=int(active.tokens_seen or 0))
-        values = {
-            "corpus": cfg.corpus,
-            "tokens": cfg.harvest_tokens,
-            "ctx_len": cfg.harvest_ctx_len,
-            "examples_per_latent": cfg.examples_per_latent,
-            "samples_per_latent": cfg.samples_per_latent,
-            "seed": cfg.seed,
-        }
-        try:
-            job_id = start_harvest(s, settings, sae, values).id
-            tx.commit(s)
-            say(f"queued harvest job {job_id}: {cfg.harvest_tokens:,} tokens of {cfg.corpus}")
-        except Conflict as exc:  # a job an interrupted demo left queued: run that one
-            tx.rollback(s)
-            job_id = str(exc.detail.get("job"))
-            say(f"continuing the unfinished harvest job {job_id}")
+        folder, slug = sae_folder(settings, row), row.slug
+        model_name, hook = row.model_name or cfg.model, row.hook_name or cfg.hook
+        s.rollback()
 
-    # A short heartbeat, so the bar below (read from the job's row) moves smoothly.
-    fast = settings.model_copy(
-        update={"job_heartbeat_seconds": min(1.0, settings.job_heartbeat_seconds)}
+    dev = resolve_device(cfg.device)
+    sae = load_sae(folder, device=dev)
+    model = load_model(model_name, device=dev, settings=settings)
+    corpus = load_corpus(resolve_corpus(settings, cfg.corpus))
+    n_contexts = math.ceil(cfg.harvest_tokens / cfg.harvest_ctx_len)
+    contexts = make_contexts(
+        corpus, model, cfg.harvest_ctx_len, seed=cfg.seed, max_contexts=n_contexts
     )
-    handlers = {JobKind.HARVEST.value: default_handlers()[JobKind.HARVEST.value]}
-    runner = JobRunner(factory, fast, handlers=handlers)
+    if len(contexts) < n_contexts:
+        say(
+            f"the {cfg.corpus} corpus gives {len(contexts):,} contexts of {cfg.harvest_ctx_len} "
+            f"tokens; harvesting all of them"
+        )
+    params = HarvestParams(
+        examples=cfg.examples_per_latent,
+        samples=cfg.samples_per_latent,
+        seed=cfg.seed,
+        checkpoint_every=max(16, len(contexts) // 8),  # so Ctrl-C loses little
+    )
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(desc="harvest", unit="tok", unit_scale=True, dynamic_ncols=True)
-    runner.start()
-    try:
-        while True:
-            with factory() as s:
-                row = job_repo.get_job(s, job_id)
-                if row is None:
-                    raise DemoError(f"harvest job {job_id} disappeared")
-                status, done, total = row.status, int(row.progress_done or 0), row.progress_total
-                error, message, harvest_id = row.error, row.message, row.harvest_id
-                s.rollback()
+        bar = tqdm(
+            total=len(contexts) * cfg.harvest_ctx_len,
+            desc="harvest",
+            unit="tok",
+            unit_scale=True,
+            dynamic_ncols=True,
+        )
+    writing = False
+
+    def report(p: HarvestProgress) -> None:
+        nonlocal writing
+        if p.phase == "write" and not writing:
+            writing = True
             if bar is not None:
-                if total and bar.total != total:
-                    bar.total = total
-                bar.n = done
+                bar.n = bar.total or bar.n
                 bar.refresh()
-            if status in (JobStatus.COMPLETE, JobStatus.FAILED, JobStatus.CANCELLED):
-                break
-            if not runner.alive:
-                raise DemoError("the job runner stopped before the harvest finished")
-            time.sleep(poll_s)
+            say("writing the harvest to the database (one transaction)")
+        elif bar is not None and p.phase != "write":
+            bar.total = p.total
+            bar.update(p.done - bar.n)
+
+    say("Ctrl-C stops the pass; the next run resumes it from its last saved state")
+    try:
+        outcome = harvest(
+            factory,
+            slug,
+            sae,
+            model,
+            contexts,
+            params,
+            corpus=corpus,
+            hook_name=hook,
+            progress=report,
+            work_dir=settings.data_dir / "harvests",
+        )
     except KeyboardInterrupt:
-        if bar is not None:
-            bar.close()
-            bar = None
-        runner.stop(timeout=120.0)
         raise DemoInterrupted(
-            f"harvest job {job_id} was handed back to the queue; the next run resumes it"
+            "the harvest stopped; its saved state is kept and the next run resumes it"
         ) from None
     finally:
         if bar is not None:
             bar.close()
-        runner.stop(timeout=120.0)
-    if status != JobStatus.COMPLETE:
-        raise DemoError(f"harvest job {job_id} {status}: {error or 'no reason recorded'}")
+    if outcome.resumed_from:
+        say(f"resumed after {outcome.resumed_from:,} contexts done before")
     with factory() as s:
-        active = harvest_repo.get_active_harvest(s, sae_id)
-        if active is None:
-            raise DemoError(f"harvest job {job_id} completed but the SAE has no active harvest")
-        return HarvestOutcome(
-            active.id if harvest_id is None else int(harvest_id),
-            reused=False,
-            tokens=int(active.tokens_seen or 0),
-            message=message,
-        )
+        done = harvest_repo.get_harvest(s, outcome.harvest_id)
+        tokens = int(done.tokens_seen or 0) if done is not None else 0
+        s.rollback()
+    return HarvestOutcome(outcome.harvest_id, reused=False, tokens=tokens)
 
 
 # -- stage 4: explain --------------------------------------------------------------------------
@@ -564,8 +574,7 @@ def explain_stage(
     def report(done: int, total: int) -> None:
         if bar is not None:
             bar.total = total
-            bar.n = done
-            bar.refresh()
+            bar.update(done - bar.n)  # redraws at most every mininterval
 
     params = {
         "backend": "heuristic",
@@ -626,7 +635,3 @@ def format_seconds(seconds: float) -> str:
         return f"{seconds:.1f}s"
     minutes, sec = divmod(round(seconds), 60)
     return f"{minutes}m{sec:02d}s"
-
-
-def main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()

@@ -162,9 +162,15 @@ def register_checkpoint(
         )
     model_name = (options.model_name or "").strip() or cfg.model_name
     hook_name = (options.hook_name or "").strip() or cfg.hook_name
-    check_model(settings, model_name, hook_name)
+    for field, value in (("model_name", model_name), ("hook_name", hook_name)):
+        if value is not None and not isinstance(value, str):
+            raise Unprocessable(
+                f"cfg.json gives {field} as {type(value).__name__} {value!r}; it must be text.",
+                detail={"field": field},
+            )
     if len(model_name or "") > 512 or len(hook_name or "") > 512:
         raise Unprocessable("model_name and hook_name may have at most 512 characters.")
+    check_model(settings, model_name, hook_name)
     cfg.metadata["model_name"] = model_name
     cfg.metadata["hook_name"] = hook_name
 

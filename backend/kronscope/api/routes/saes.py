@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ...config import Settings
 from ...db.repositories import saes as sae_repo
-from ...services import features, harvest_jobs, sae_registry
+from ...services import features, harvest_jobs, sae_registry, tx
 from ...services.errors import Unprocessable
 from ...services.jobs import job_dict
 from ...services.keys import Caller
@@ -142,6 +142,9 @@ async def upload_sae(
     ``model_name`` / ``hook_name`` (override the checkpoint's), ``harvest`` and
     ``harvest_corpus`` / ``harvest_tokens`` / ``harvest_ctx_len`` / ``harvest_examples`` to
     start a harvest job. The checkpoint is validated completely before anything is stored."""
+    # End the key check's transaction before the (possibly long) upload streams in, so no
+    # lock is held meanwhile; registering opens a new one.
+    await run_in_threadpool(tx.commit, session)
     received = await receive_upload(
         request, sae_registry.tmp_root(settings), settings.max_upload_bytes
     )

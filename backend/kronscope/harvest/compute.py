@@ -1,0 +1,458 @@
+"""The pass: subject model prefix -> SAE -> per-unit streaming state. No database here.
+
+Per batch of contexts: activations ``[B, L, d]`` from the model prefix, then the SAE in
+chunks of whole contexts (so a chunk's working set stays near the CPU cache and a
+context's maximum is known inside one chunk):
+
+- Dense units are handled units-major, ``[U, T]``: the KronSAE parents come straight out
+  of a transposed encoder matmul (``W_enc^T @ x^T``), JumpReLU/ReLU latents are transposed
+  once. Every reduction then runs along contiguous memory, and the histogram's scattered
+  increments stay within one unit's bins.
+- TopK-style latents stay sparse (``[T, k]`` values and indices); KronSAE latents are
+  chosen from the same parents (the SAE's own head-bound TopK), so the encoder runs once.
+
+Per chunk and block: moments (active count, sum, max, fixed-bin histogram), the
+per-context maximum for the top-contexts state, sampling candidates (active tokens whose
+key beats the unit's current K-th key) for the reservoir, and for KronSAE the
+both-parents-active counts via one batched matmul of the parent masks per head.
+Special tokens and padding are zeroed before anything looks at the values: they never
+count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from ..sae import SAE, KronSAE, TopKStyleSAE
+from ..sae.kronsae import safe_sqrt
+from .errors import HarvestError
+from .keys import MAX_CONTEXTS, POSITION_BITS, token_keys, top_keys
+from .params import HarvestParams
+from .state import HarvestState, UnitBlock
+from .streaming import RowsFn
+
+MAX_CANDIDATES = 1 << 19
+"""Reservoir candidates handled at once (bounds the memory of the first batches)."""
+DEFAULT_CHUNK_ELEMENTS = 1 << 23
+"""Dense values per chunk (32 MB of float32): whole contexts, at least one."""
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch of contexts with their global indices."""
+
+    index: Tensor
+    """[B] int64 global context indices."""
+    input_ids: Tensor
+    attention_mask: Tensor
+    special_mask: Tensor
+    """[B, L] bool, True for tokens that never count."""
+
+
+class ContextsLike(Protocol):
+    """What the harvest needs of ``kronscope.lm.Contexts``."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    special_mask: Tensor
+
+    def __len__(self) -> int: ...
+
+
+class ModelLike(Protocol):
+    """What the harvest needs of ``kronscope.lm.SubjectModel``."""
+
+    def activations(
+        self, input_ids: Tensor, attention_mask: Tensor | None, hook_name: str
+    ) -> Tensor: ...
+
+
+def iter_batches(contexts: ContextsLike, batch_size: int, indices: Tensor) -> Iterator[Batch]:
+    """Batches of the given global context indices, in order."""
+    ids, mask, special = contexts.input_ids, contexts.attention_mask, contexts.special_mask
+    for start in range(0, len(indices), batch_size):
+        idx = indices[start : start + batch_size]
+        yield Batch(idx, ids[idx], mask[idx], special[idx])
+
+
+def pre_acts_t(sae: SAE, x: Tensor) -> Tensor:
+    """[T, d_in] -> [width, T]: the SAE's ``pre_acts`` computed transposed (one matmul)."""
+    s = sae._scale_in(x)
+    if sae.cfg.apply_b_dec_to_input:
+        s = s - sae.b_dec
+    return torch.addmm(sae.b_enc.unsqueeze(1), sae.W_enc.t(), s.t()).to(torch.float32)
+
+
+def kron_topk_t(
+    a: Tensor, h: int, m: int, n: int, k: int, composition: str
+) -> tuple[Tensor, Tensor]:
+    """KronSAE's exact TopK (``KronSAE._topk_from_parents``: the k largest latents lie in
+    the k heads with the largest bound ``max p * max q``) on parents laid out units-major,
+    ``a`` [h*(m+n), T] -> values, indices [T, k]. Same algorithm, same tie order; only the
+    layout differs, so every reduction over a head's parents is contiguous."""
+    T = a.shape[1]
+    av = a.view(h, m + n, T)
+    p, q = av[:, :m], av[:, m:]
+    if composition == "product":
+        pmax, pmin, qmax, qmin = p.amax(1), p.amin(1), q.amax(1), q.amin(1)
+        bound = torch.stack([pmax * qmax, pmin * qmin, pmax * qmin, pmin * qmax]).amax(0)
+    else:
+        bound = p.amax(1) * q.amax(1)  # [h, T]; parents are >= 0
+    kh = min(k, h)
+    heads = bound.t().topk(kh, dim=1, sorted=False).indices  # [T, kh]
+    tt = torch.arange(T, device=a.device).unsqueeze(1)
+    ps, qs = p[heads, :, tt], q[heads, :, tt]  # [T, kh, m], [T, kh, n]
+    pairs = (ps.unsqueeze(-1) * qs.unsqueeze(-2)).reshape(T, kh * m * n)
+    top = pairs.topk(k, dim=-1)
+    mn = m * n
+    indices = heads.gather(1, top.indices // mn) * mn + top.indices % mn
+    values = safe_sqrt(top.values) if composition == "mand" else top.values
+    return values, indices
+
+
+def _dense_rows(a3: Tensor, unit: Tensor, ctx: Tensor) -> RowsFn:
+    """Rows of candidates ``(unit[i], ctx[i])`` of dense values ``a3`` [U, C, L]."""
+
+    def rows(ids: Tensor) -> Tensor:
+        return a3[unit[ids], ctx[ids]]
+
+    return rows
+
+
+class Harvester:
+    """Runs the model prefix and the SAE over batches and updates a :class:`HarvestState`."""
+
+    def __init__(
+        self,
+        sae: SAE,
+        model: ModelLike,
+        params: HarvestParams,
+        *,
+        ctx_len: int,
+        hook_name: str | None = None,
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        bookkeeping_threads: int | None = None,
+    ):
+        self.sae = sae
+        self.model = model
+        self.params = params
+        self.ctx_len = ctx_len
+        hook = hook_name or sae.cfg.hook_name
+        if not hook:
+            raise HarvestError(
+                "the SAE's configuration names no hook (metadata.hook_name): pass hook_name"
+            )
+        self.hook_name = hook
+        self.kron = isinstance(sae, KronSAE)
+        self.device = sae.device
+        self.chunk_elements = chunk_elements
+        self.bookkeeping_threads = bookkeeping_threads
+        """CPU threads for the streaming updates (None: half of torch's threads)."""
+        # Non-negative dense values (all but the KronSAE ``product`` ablation's parents)
+        # let a plain sum stand for the sum over active values.
+        self.parents_nonneg = not (self.kron and sae.cfg.composition == "product")
+        p = params
+        self._shift = p.hist_shift
+        self._code_lo = p.hist_code_lo
+        self._bins = p.hist_bins
+        self._col_offsets: dict[int, Tensor] = {}
+
+    # -- state --------------------------------------------------------------------------
+    @property
+    def n_latents(self) -> int:
+        return self.sae.d_sae
+
+    @property
+    def n_parents(self) -> int:
+        if not self.kron:
+            return 0
+        sae = self.sae
+        assert isinstance(sae, KronSAE)
+        return sae.h * (sae.m + sae.n)
+
+    def new_state(self, meta: dict | None = None) -> HarvestState:
+        p, L, dev = self.params, self.ctx_len, self.device
+        latent = UnitBlock.empty(
+            "latent", self.n_latents, p.examples, p.samples, L, p.hist_bins, dev
+        )
+        state = HarvestState(latent, meta=dict(meta or {}))
+        if self.kron:
+            state.parent = UnitBlock.empty(
+                "parent", self.n_parents, p.examples, p.samples, L, p.hist_bins, dev
+            )
+            state.both_parents_active = torch.zeros(self.n_latents, dtype=torch.int64, device=dev)
+        return state
+
+    # -- checks -------------------------------------------------------------------------
+    def check(self, contexts: ContextsLike) -> None:
+        """Fail before the pass on inputs that cannot work (clear messages)."""
+        n = len(contexts)
+        if n == 0:
+            raise HarvestError("the corpus gave no contexts: there is nothing to harvest")
+        if n >= MAX_CONTEXTS:
+            raise HarvestError(f"{n} contexts is more than a harvest supports ({MAX_CONTEXTS - 1})")
+        ids = contexts.input_ids
+        if ids.shape[1] != self.ctx_len:
+            raise HarvestError(f"contexts have {ids.shape[1]} tokens, expected {self.ctx_len}")
+        if self.ctx_len >= 1 << POSITION_BITS:
+            raise HarvestError(
+                f"ctx_len {self.ctx_len} is too long (at most {(1 << POSITION_BITS) - 1})"
+            )
+        max_len = getattr(self.model, "max_length", None)
+        if isinstance(max_len, int) and self.ctx_len > max_len:
+            raise HarvestError(
+                f"ctx_len {self.ctx_len} is longer than the model allows ({max_len} positions)"
+            )
+        if bool(contexts.special_mask.all()):
+            raise HarvestError("the corpus has no usable tokens: every token is special or padding")
+        # One context through the prefix: the hook's width must be the SAE's d_in.
+        acts = self.model.activations(ids[:1], contexts.attention_mask[:1], self.hook_name)
+        if acts.shape[-1] != self.sae.d_in:
+            raise HarvestError(
+                f"the SAE reads activations of width d_in = {self.sae.d_in}, but hook "
+                f"{self.hook_name!r} of model {getattr(self.model, 'name', '?')!r} gives width "
+                f"{acts.shape[-1]}"
+            )
+
+    # -- the pass -----------------------------------------------------------------------
+    @torch.no_grad()
+    def process(self, state: HarvestState, batch: Batch) -> None:
+        """Update ``state`` with one batch of contexts."""
+        acts = self.model.activations(batch.input_ids, batch.attention_mask, self.hook_name)
+        self.process_activations(state, batch.index, acts, batch.special_mask)
+
+    @torch.no_grad()
+    def process_activations(
+        self, state: HarvestState, index: Tensor, acts: Tensor, special: Tensor
+    ) -> None:
+        """Update ``state`` from activations ``[B, L, d]`` of contexts ``index`` [B]."""
+        dev = self.device
+        B, L, _ = acts.shape
+        acts = acts.to(dev)
+        index = index.to(dev, torch.int64)
+        valid = ~special.to(dev, torch.bool)
+        keys = ~token_keys(self.params.seed, index, L)  # larger = sampled first
+        state.tokens_seen += B * L
+        state.tokens_valid += int(valid.sum())
+        # Contexts per chunk: bounded by the dense [units, tokens] matrix (KronSAE parents,
+        # JumpReLU/ReLU latents); TopK latents alone are sparse, the whole batch is small.
+        dense_units = self.n_parents if self.kron else (0 if self.sae.sparse else self.n_latents)
+        cc = B if dense_units == 0 else max(1, self.chunk_elements // (dense_units * L))
+        for c0 in range(0, B, cc):
+            sl = slice(c0, c0 + cc)
+            self._chunk(state, index[sl], acts[sl], valid[sl], keys[sl])
+
+    def _chunk(
+        self, state: HarvestState, index: Tensor, acts: Tensor, valid: Tensor, keys: Tensor
+    ) -> None:
+        C, L, d = acts.shape
+        x = acts.reshape(C * L, d)
+        v = valid.reshape(-1)
+        k = keys.reshape(-1)
+        invalid = (~v).nonzero().squeeze(1)
+        sae = self.sae
+        if self.kron:
+            assert isinstance(sae, KronSAE) and state.parent is not None
+            a = pre_acts_t(sae, x)  # [h*(m+n), T]
+            if self.parents_nonneg:
+                a.relu_()
+            if invalid.numel():
+                a.index_fill_(1, invalid, 0.0)
+            with self._bookkeeping():
+                values, indices = kron_topk_t(a, sae.h, sae.m, sae.n, sae.k, sae.composition)
+                act = self._dense(state.parent, a, index, k, L, self.parents_nonneg)
+                self._both(state, act, C * L)
+                self._sparse(state.latent, values, indices, v, index, k, L)
+        elif isinstance(sae, TopKStyleSAE):
+            values, indices = sae.encode(x)
+            with self._bookkeeping():
+                self._sparse(state.latent, values, indices, v, index, k, L)
+        else:
+            f = sae.encode_dense(x).to(torch.float32).t().contiguous()  # [F, T]
+            if invalid.numel():
+                f.index_fill_(1, invalid, 0.0)
+            with self._bookkeeping():
+                self._dense(state.latent, f, index, k, L, True)
+
+    @contextmanager
+    def _bookkeeping(self) -> Iterator[None]:
+        """Run the streaming updates on fewer CPU threads than the matmuls.
+
+        They are many medium-sized ops; with every thread on each, a thread that another
+        process has pre-empted stalls every op (measured on a shared 2-core machine: the
+        harvest took 2.2x the prefix time with 2 threads, 1.25x with 1 here; the same on
+        an idle machine). Nothing changes on GPU."""
+        n = torch.get_num_threads()
+        want = self.bookkeeping_threads or max(1, n // 2)
+        if self.device.type != "cpu" or want >= n:
+            yield
+            return
+        torch.set_num_threads(want)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(n)
+
+    # -- dense units [U, T] ---------------------------------------------------------------
+    def _offsets(self, units: int) -> Tensor:
+        off = self._col_offsets.get(units)
+        if off is None:
+            off = (
+                torch.arange(units, dtype=torch.int32, device=self.device) * self._bins
+                - self._code_lo
+            ).unsqueeze(1)
+            self._col_offsets[units] = off
+        return off
+
+    def _dense(
+        self, block: UnitBlock, a: Tensor, index: Tensor, keys: Tensor, L: int, nonneg: bool
+    ) -> Tensor:
+        """Update a block from dense values ``a`` [U, T] (invalid tokens already zero).
+        Returns the activity mask as float [U, T] (1.0 where a > 0)."""
+        U, T = a.shape
+        C = T // L
+        mo = block.moments
+        # 1.0 where active: sign() is one pass where the values are known to be >= 0.
+        actf = torch.sign(a) if nonneg else (a > 0).to(torch.float32)
+        n = actf.sum(1).to(torch.int64)  # exact: T < 2^24
+        mo.n_active += n
+        mo.total += (a.sum(1) if nonneg else a.clamp(min=0).sum(1)).to(torch.float64)
+        # Histogram: bin code from the float bits; zeros and negatives land in bin 0 and
+        # are taken out again (there are T - n of them per unit).
+        code = a.view(torch.int32) >> self._shift
+        code.clamp_(self._code_lo, self._code_lo + self._bins - 1).add_(self._offsets(U))
+        hist = torch.bincount(code.view(-1), minlength=U * self._bins).view(U, self._bins)
+        hist[:, 0] -= T - n
+        mo.hist += hist
+        a3 = a.view(U, C, L)
+        ctx_max = a3.amax(2)  # [U, C]
+        torch.maximum(mo.max, ctx_max.amax(1), out=mo.max)
+
+        # Top contexts: (unit, context) pairs whose key beats the unit's K-th.
+        tk = top_keys(ctx_max, index.unsqueeze(0))
+        u, b = ((ctx_max > 0) & (tk > block.top.floor.unsqueeze(1))).nonzero(as_tuple=True)
+        if u.numel():
+            block.top.offer(u, tk[u, b], index[b], None, _dense_rows(a3, u, b), grouped=True)
+
+        self._sample_dense(block, a, index, keys, L)
+        return actf
+
+    def _sample_dense(
+        self, block: UnitBlock, a: Tensor, index: Tensor, keys: Tensor, L: int
+    ) -> None:
+        """Reservoir candidates of dense units: active tokens whose key beats the unit's
+        current K-th. Only units whose floor is below the best key in sight can take
+        anything; once units have seen many active tokens that is a small set, so only
+        their rows are looked at. While the reservoirs fill (the first batches) nearly
+        every active token is a candidate: the tokens are then taken in slices of about
+        ``MAX_CANDIDATES`` candidates, the floors rising between slices, so memory stays
+        bounded."""
+        U, T = a.shape
+        a3 = a.view(U, T // L, L)
+        start, step = 0, T
+        while start < T:
+            stop = min(T, start + step)
+            kk = keys[start:stop]
+            floor = block.sample.floor
+            need = (floor < kk.max()).nonzero().squeeze(1)
+            if need.numel() == 0:
+                start = stop
+                continue
+            whole = need.numel() == U
+            sub = a[:, start:stop] if whole else a[:, start:stop].index_select(0, need)
+            cand = (sub > 0) & (kk.unsqueeze(0) > floor[need].unsqueeze(1))
+            if stop - start > 1 and (n := int(cand.sum())) > MAX_CANDIDATES:
+                step = max(1, (stop - start) * MAX_CANDIDATES // n)
+                continue  # the same start, a thinner slice
+            ul, tl = cand.nonzero(as_tuple=True)
+            if ul.numel():
+                u = ul if whole else need[ul]
+                t = tl + start
+                ctx_of = t // L
+                block.sample.offer(
+                    u,
+                    keys[t],
+                    index[ctx_of],
+                    sub[ul, tl],
+                    _dense_rows(a3, u, ctx_of),
+                    pos=t % L,
+                    grouped=True,
+                )
+            start = stop
+
+    def _both(self, state: HarvestState, actf: Tensor, T: int) -> None:
+        """both_parents_active[g, i, j] += sum_t [p[g,i] > 0][q[g,j] > 0] (one bmm)."""
+        sae = self.sae
+        assert isinstance(sae, KronSAE) and state.both_parents_active is not None
+        m3 = actf.view(sae.h, sae.m + sae.n, T)
+        both = torch.bmm(m3[:, : sae.m], m3[:, sae.m :].transpose(1, 2))  # [h, m, n]
+        state.both_parents_active += both.reshape(-1).round().to(torch.int64)
+
+    # -- sparse units ([T, k] values and indices) -------------------------------------------
+    def _sparse(
+        self,
+        block: UnitBlock,
+        values: Tensor,
+        indices: Tensor,
+        valid: Tensor,
+        index: Tensor,
+        keys: Tensor,
+        L: int,
+    ) -> None:
+        F = block.units
+        C = values.shape[0] // L
+        mo = block.moments
+        values = values.to(torch.float32)
+        t, j = ((values > 0) & valid.unsqueeze(1)).nonzero(as_tuple=True)
+        u = indices[t, j]
+        val = values[t, j]
+        mo.n_active += torch.bincount(u, minlength=F)
+        mo.total += torch.bincount(u, weights=val.to(torch.float64), minlength=F)
+        code = (val.view(torch.int32) >> self._shift).clamp_(
+            self._code_lo, self._code_lo + self._bins - 1
+        ) - self._code_lo
+        mo.hist += torch.bincount(u * self._bins + code, minlength=F * self._bins).view(
+            F, self._bins
+        )
+        ctx_of = t // L
+        pos = t % L
+        pair = u * C + ctx_of
+        ctx_max = torch.zeros(F * C, dtype=torch.float32, device=values.device)
+        ctx_max.scatter_reduce_(0, pair, val, "amax")
+        ctx_max = ctx_max.view(F, C)
+        torch.maximum(mo.max, ctx_max.amax(1), out=mo.max)
+
+        def rows_for(pairs: Tensor) -> Tensor:
+            """[E] flat (unit*C + context) pairs -> [E, L] values."""
+            uniq, inv = torch.unique(pairs, return_inverse=True)
+            loc = torch.searchsorted(uniq, pair).clamp_(max=len(uniq) - 1)
+            hit = uniq[loc] == pair
+            out = torch.zeros(len(uniq), L, dtype=torch.float32, device=values.device)
+            out[loc[hit], pos[hit]] = val[hit]
+            return out[inv]
+
+        tk = top_keys(ctx_max, index.unsqueeze(0))
+        cu, cb = ((ctx_max > 0) & (tk > block.top.floor.unsqueeze(1))).nonzero(as_tuple=True)
+        if cu.numel():
+            block.top.offer(
+                cu, tk[cu, cb], index[cb], None, lambda ids: rows_for(cu[ids] * C + cb[ids])
+            )
+
+        k = keys[t]
+        ok = (k > block.sample.floor[u]).nonzero().squeeze(1)
+        if ok.numel():
+            su, st = u[ok], t[ok]
+            block.sample.offer(
+                su,
+                k[ok],
+                index[ctx_of[ok]],
+                val[ok],
+                lambda ids: rows_for(su[ids] * C + st[ids] // L),
+                pos=pos[ok],
+            )
