@@ -17,6 +17,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 
+import anyio
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
@@ -28,6 +29,7 @@ from .api import inference as inference_api
 from .api.errors import add_exception_handlers
 from .config import Settings, get_settings
 from .db import DatabaseUnavailable, make_engine, make_sessionmaker, upgrade
+from .db.engine import pool_capacity
 from .web import register_web
 
 log = logging.getLogger(__name__)
@@ -98,6 +100,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.engine = engine
         app.state.sessionmaker = make_sessionmaker(engine)
         app.state.write_sessionmaker = make_sessionmaker(engine, begin_immediate=True)
+        # Requests hold at most this many pooled connections at once (see api.deps); the
+        # rest is left to the job runner and streamed exports.
+        app.state.db_slots = anyio.Semaphore(max(1, min(pool_capacity(engine) - 3, 64)))
         app.state.migrated = False
         app.state.migrate_lock = threading.Lock()
         app.state.job_runner = None

@@ -458,3 +458,13 @@ def error_shape_problem(response: httpx.Response | Any) -> str | None:
     if not isinstance(err.get("detail"), dict):
         return f"'detail' is not an object: {err}"
     return None
+
+
+def run_async(coro: Any) -> Any:
+    """``asyncio.run(coro)`` in a thread of its own: the calling thread may already run
+    an event loop (Playwright's sync API leaves one in the main thread for the session)."""
+    import asyncio
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="load") as pool:
+        return pool.submit(asyncio.run, coro).result()

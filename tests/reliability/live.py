@@ -34,6 +34,7 @@ from ._support import (
     kronscope_env,
     make_checkpoint,
     restart_postgres,
+    run_async,
     seed_pages,
     terminate_backends,
 )
@@ -234,7 +235,7 @@ def run_pg_restart_suite(
 
     thread = threading.Thread(target=disrupt, name="pg-disrupt", daemon=True)
     thread.start()
-    rec = asyncio.run(_run_clients(live.base_url, live.slug, clients, duration, 0.0, 30.0))
+    rec = run_async(_run_clients(live.base_url, live.slug, clients, duration, 0.0, 30.0))
     thread.join(120)
     result.problems += errors
 
@@ -314,7 +315,7 @@ def run_load_suite(
     with RssSampler(live.server.pid, interval=0.5) as rss:
         time.sleep(0.6)  # a first sample before the load
         t0 = time.monotonic()
-        rec = asyncio.run(
+        rec = run_async(
             _run_clients(live.base_url, live.slug, clients, duration, inference_share, timeout)
         )
         elapsed = time.monotonic() - t0

@@ -3,7 +3,11 @@
 
 - ``SessionDep``: one session per request, committed when the route returns (before the
   response is sent, so a failed commit is an error response) and rolled back on error;
-  on SQLite, writing methods begin with the write lock held (``BEGIN IMMEDIATE``).
+  on SQLite, writing methods begin with the write lock held (``BEGIN IMMEDIATE``). A
+  request first takes one of ``app.state.db_slots`` (fewer than the connection pool
+  holds), waiting on the event loop: a worker thread never waits for a pooled connection
+  while the requests holding connections wait for a thread to commit (that deadlock held
+  every connection until the pool's 30 s timeout under 64 clients).
 - ``SAEDep``: the ``{sae}`` path parameter resolved to its row (404 in plain words).
 - ``ReaderDep``: reads are public unless ``require_key_for_reads``; then any live key.
 - ``UploaderDep`` / ``DeleterDep`` / ``ExplainerDep`` / ``JobsDep``: a key with that scope
@@ -12,9 +16,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated
 
+import anyio
 from fastapi import Depends, Path, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
@@ -35,27 +40,36 @@ async def get_settings(request: Request) -> Settings:  # async: no thread hop fo
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def get_session(request: Request) -> Iterator[Session]:
+async def ensure_database(request: Request) -> None:
+    """503 in plain words while the schema could not be brought up (database down at start)."""
     state = request.app.state
-    if not state.migrated and not state.ensure_ready():
+    if not state.migrated and not await run_in_threadpool(state.ensure_ready):
         raise ServiceUnavailable(
             "The database cannot be reached right now; try again in a few seconds."
         )
-    # Writes take SQLite's write lock when they begin (BEGIN IMMEDIATE): a transaction that
-    # reads and then writes could otherwise fail at once if another writer (the job runner)
-    # committed in between. Reads stay deferred, so they never wait for a writer.
-    if request.method in ("POST", "PUT", "PATCH", "DELETE"):
-        session: Session = state.write_sessionmaker()
-    else:
-        session = state.sessionmaker()
-    try:
-        yield session
-        tx.commit(session)
-    except BaseException:
-        tx.rollback(session)
-        raise
-    finally:
-        session.close()
+
+
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    state = request.app.state
+    await ensure_database(request)
+    async with state.db_slots:
+        # Writes take SQLite's write lock when they begin (BEGIN IMMEDIATE): a transaction
+        # that reads and then writes could otherwise fail at once if another writer (the job
+        # runner) committed in between. Reads stay deferred, so they never wait for a writer.
+        if request.method in ("POST", "PUT", "PATCH", "DELETE"):
+            session: Session = state.write_sessionmaker()
+        else:
+            session = state.sessionmaker()
+        try:
+            yield session
+            await run_in_threadpool(tx.commit, session)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await run_in_threadpool(tx.rollback, session)
+            raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                await run_in_threadpool(session.close)
 
 
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]

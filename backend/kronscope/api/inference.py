@@ -21,13 +21,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.json_schema import SkipJsonSchema
 from starlette.concurrency import run_in_threadpool
 
+from ..config import Settings
 from ..db.models import UnitKind
 from ..db.repositories import explanations as expl_repo
 from ..services import inference as svc
 from ..services import sae_registry, tx
-from ..services.errors import ServiceUnavailable, Unprocessable
+from ..services.errors import Unprocessable
 from . import PREFIX
-from .deps import ReaderDep, SettingsDep, require_read
+from .deps import ReaderDep, SettingsDep, ensure_database, require_read
 from .routes._common import ERROR_RESPONSES
 from .routing import APIRouteChecked
 
@@ -182,20 +183,24 @@ def _admit(request: Request, settings: SettingsDep) -> Iterator[svc.Admission]:
 AdmissionDep = Annotated[svc.Admission, Depends(_admit, scope="function")]
 
 
-def _resolve(
+async def _resolve(
     request: Request,
     settings: SettingsDep,
     sae: Annotated[str, Path(min_length=1, max_length=128, description="The SAE's slug.")],
 ) -> tuple[int, svc.SaeSpec]:
+    """The SAE's id and spec (see ``_read_spec``), holding one of the app's database slots
+    (``api.deps``) meanwhile."""
+    await ensure_database(request)
+    async with request.app.state.db_slots:
+        return await run_in_threadpool(_read_spec, request, settings, sae)
+
+
+def _read_spec(request: Request, settings: Settings, sae: str) -> tuple[int, svc.SaeSpec]:
     """The SAE's id and spec, read (with the reader check) in one short session that is
     closed before this returns. These routes wait on the engine for a long time: holding a
     pooled connection across those awaits starves the thread pool and the connection pool
     of each other under load, so no connection outlives this function."""
     state = request.app.state
-    if not state.migrated and not state.ensure_ready():
-        raise ServiceUnavailable(
-            "The database cannot be reached right now; try again in a few seconds."
-        )
     with state.sessionmaker() as session:
         try:
             require_read(request, settings, session)
@@ -309,7 +314,8 @@ async def search(
             finally:
                 tx.rollback(session)
 
-    await run_in_threadpool(explain)
+    async with request.app.state.db_slots:
+        await run_in_threadpool(explain)
     return _json(
         {
             "sae": spec.slug,

@@ -190,3 +190,13 @@ def head_revision() -> str | None:
     from alembic.script import ScriptDirectory
 
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def pool_capacity(engine: Engine) -> int:
+    """How many connections ``engine`` can hand out at once (pool size plus overflow); a
+    large number for pools without a limit."""
+    pool = engine.pool
+    if isinstance(pool, sa.pool.QueuePool):
+        overflow = pool._max_overflow  # no public accessor
+        return 1_000 if overflow < 0 else pool.size() + overflow
+    return 1_000
