@@ -152,7 +152,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=60.0, help="Load duration.")
     ap.add_argument("--clients", type=int, default=64, help="Concurrent load clients.")
     ap.add_argument("--kills", type=int, default=5, help="Server kills during edits.")
-    ap.add_argument("--harvest-tokens", type=int, default=8192)
+    ap.add_argument("--harvest-tokens", type=int, default=65_536)
     ap.add_argument("--schema-examples", type=int, default=40, help="Cases per operation.")
     ap.add_argument(
         "--pg-restart", action="store_true", help="Restart the PostgreSQL cluster for real."

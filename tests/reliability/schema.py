@@ -78,9 +78,12 @@ def seed_world(client: Any, db_url: str, work: Path) -> World:
 # Operations whose schema-valid requests may rightly be refused with 422 for reasons no
 # schema can state: an upload's file contents; a text that is only whitespace or token
 # positions past the end of the text (inference); the "llm" backend on a server with no LLM
-# endpoint configured (explain). Their responses are still checked against the schema.
+# endpoint configured (explain); a corpus name that is not one of the server's corpora, or
+# a context length beyond the subject model's (harvests). Their responses are still checked
+# against the schema.
 DATA_DEPENDENT = {
     "POST /api/v1/saes",
+    "POST /api/v1/saes/{sae}/harvests",
     "POST /api/v1/saes/{sae}/activations",
     "POST /api/v1/saes/{sae}/search",
     "POST /api/v1/saes/{sae}/explain",
