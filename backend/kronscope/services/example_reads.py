@@ -7,23 +7,20 @@ page together. A complete harvest's token table never changes, so pages read it 
 process into an LRU of vocabularies and reuse it. The cache key includes the harvest's
 ``finished_at``, so an id reused after a delete (SQLite rowids) is never served stale.
 
-The two queries here mirror the repository's ``_load`` without its token lookup; they
-belong in ``db.repositories.examples`` (as a ``vocab=`` option) and should move there.
+The examples themselves come from the repository, given that vocabulary (``vocab=``).
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from ..db.codec import unpack_f16, unpack_i32
-from ..db.models import Context, Example, ExampleKind, Harvest, Sae, Token, UnitKind
+from ..db.models import Harvest, Sae, Token
+from ..db.repositories import examples as examples_repo
 from ..db.repositories.examples import ExampleView
 
 VOCAB_CACHE_SIZE = 8
@@ -61,70 +58,14 @@ def vocabulary(session: Session, harvest_id: int) -> dict[int, str]:
     return vocab
 
 
-def _load(
-    session: Session, harvest_id: int, where: Sequence[Any], limit: int | None
-) -> list[ExampleView]:
-    stmt = (
-        sa.select(
-            Example.id,
-            Example.unit_kind,
-            Example.unit_index,
-            Example.kind,
-            Example.rank,
-            Example.max_value,
-            Example.max_pos,
-            Example.sample_pos,
-            Example.sample_value,
-            Example.values,
-            Context.id.label("context_id"),
-            Context.position,
-            Context.token_ids,
-        )
-        .join(Context, Context.id == Example.context_id)
-        .where(Example.harvest_id == harvest_id, *where)
-        .order_by(Example.kind, Example.rank)
-        .limit(limit)
-    )
-    rows = session.execute(stmt).all()
-    if not rows:
-        return []
-    vocab = vocabulary(session, harvest_id)
-    out = []
-    for r in rows:
-        ids = unpack_i32(r.token_ids)
-        out.append(
-            ExampleView(
-                id=r.id,
-                unit_kind=r.unit_kind,
-                unit_index=r.unit_index,
-                kind=r.kind,
-                rank=r.rank,
-                max_value=float(r.max_value),
-                max_pos=r.max_pos,
-                sample_pos=r.sample_pos,
-                sample_value=None if r.sample_value is None else float(r.sample_value),
-                context_id=r.context_id,
-                position=r.position,
-                token_ids=ids,
-                tokens=[vocab.get(t, f"<{t}>") for t in ids.tolist()],
-                values=unpack_f16(r.values),
-            )
-        )
-    return out
-
-
 def top_examples(
     session: Session, sae: Sae, unit_kind: int, unit_index: int, *, limit: int | None = None
 ) -> list[ExampleView]:
     """Top-activating examples of a unit of the active harvest, best first."""
     if sae.active_harvest_id is None:
         return []
-    where = [
-        Example.unit_kind == int(UnitKind(unit_kind)),
-        Example.unit_index == unit_index,
-        Example.kind == int(ExampleKind.TOP),
-    ]
-    return _load(session, sae.active_harvest_id, where, limit)
+    vocab = vocabulary(session, sae.active_harvest_id)
+    return examples_repo.top_examples(session, sae, unit_kind, unit_index, limit=limit, vocab=vocab)
 
 
 def sampled_examples(
@@ -133,9 +74,5 @@ def sampled_examples(
     """Every reservoir sample of a unit of the active harvest."""
     if sae.active_harvest_id is None:
         return []
-    where = [
-        Example.unit_kind == int(UnitKind(unit_kind)),
-        Example.unit_index == unit_index,
-        Example.kind == int(ExampleKind.SAMPLE),
-    ]
-    return _load(session, sae.active_harvest_id, where, None)
+    vocab = vocabulary(session, sae.active_harvest_id)
+    return examples_repo.sampled_examples(session, sae, unit_kind, unit_index, vocab=vocab)

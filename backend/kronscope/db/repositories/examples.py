@@ -173,8 +173,14 @@ def _harvest_of(sae: Sae, harvest_id: int | None) -> int | None:
 
 
 def _load(
-    session: Session, harvest_id: int, where: Sequence[Any], limit: int | None
+    session: Session,
+    harvest_id: int,
+    where: Sequence[Any],
+    limit: int | None,
+    vocab: Mapping[int, str] | None = None,
 ) -> list[ExampleView]:
+    """The examples matching ``where``; token strings from ``vocab`` (the harvest's whole
+    token table, e.g. cached by the caller) or else looked up for these contexts' ids."""
     stmt = (
         sa.select(
             Example.id,
@@ -197,8 +203,11 @@ def _load(
         .limit(limit)
     )
     rows = session.execute(stmt).all()
+    if not rows:
+        return []
     decoded = [unpack_i32(r.token_ids) for r in rows]
-    vocab = token_strings(session, harvest_id, (int(t) for ids in decoded for t in ids))
+    if vocab is None:
+        vocab = token_strings(session, harvest_id, (int(t) for ids in decoded for t in ids))
     return [
         ExampleView(
             id=r.id,
@@ -213,7 +222,7 @@ def _load(
             context_id=r.context_id,
             position=r.position,
             token_ids=ids,
-            tokens=[vocab.get(int(t), f"<{int(t)}>") for t in ids],
+            tokens=[vocab.get(t, f"<{t}>") for t in ids.tolist()],
             values=unpack_f16(r.values),
         )
         for r, ids in zip(rows, decoded, strict=True)
@@ -228,6 +237,7 @@ def top_examples(
     *,
     limit: int | None = None,
     harvest_id: int | None = None,
+    vocab: Mapping[int, str] | None = None,
 ) -> list[ExampleView]:
     """Top-activating examples of a unit, best first, with their contexts and tokens."""
     hid = _harvest_of(sae, harvest_id)
@@ -238,7 +248,7 @@ def top_examples(
         Example.unit_index == unit_index,
         Example.kind == int(ExampleKind.TOP),
     ]
-    return _load(session, hid, where, limit)
+    return _load(session, hid, where, limit, vocab)
 
 
 def sampled_examples(
@@ -251,6 +261,7 @@ def sampled_examples(
     max_value: float | None = None,
     limit: int | None = None,
     harvest_id: int | None = None,
+    vocab: Mapping[int, str] | None = None,
 ) -> list[ExampleView]:
     """Reservoir samples of a unit whose sampled value lies in ``[min_value, max_value)``."""
     hid = _harvest_of(sae, harvest_id)
@@ -265,4 +276,4 @@ def sampled_examples(
         where.append(Example.sample_value >= min_value)
     if max_value is not None:
         where.append(Example.sample_value < max_value)
-    return _load(session, hid, where, limit)
+    return _load(session, hid, where, limit, vocab)
