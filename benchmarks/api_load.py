@@ -47,6 +47,7 @@ from sqlalchemy.pool import NullPool
 H, M, N, K, D_IN = 64, 16, 16, 32, 384
 F = H * M * N
 MODEL, HOOK = "minilm-l6", "encoder.layer.3"
+MODEL_SMOL, HOOK_SMOL = "smollm2-135m", "model.layers.12"  # the live inference section
 
 
 # -- database ----------------------------------------------------------------------------
@@ -519,6 +520,49 @@ async def inference_load(base: str, slug: str, texts: list[str], clients: int) -
         return time.perf_counter() - start, errors
 
 
+CEILING_REPEATS = 5
+
+
+def compute_times(folder: Path, texts: list[str], threads: int | None) -> tuple[float, float]:
+    """Milliseconds of the engine's compute alone (model prefix to the hook, the SAE's top
+    latents and parents) for one text, and for all ``texts`` padded into one batch: what
+    batching gains the compute on this machine, whatever the server does (beyond that, only
+    per-request costs shared by a batch)."""
+    import torch
+
+    from kronscope.lm import load_model
+    from kronscope.sae import load as load_sae
+
+    if threads:
+        torch.set_num_threads(threads)
+    model = load_model(MODEL_SMOL, device="cpu")
+    sae = load_sae(folder)
+    rows = [model.tokenizer(t)["input_ids"] for t in texts]
+
+    def run(batch: list[list[int]]) -> None:
+        width = max(len(r) for r in batch)
+        ids = torch.full((len(batch), width), model.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for b, r in enumerate(batch):
+            ids[b, : len(r)] = torch.tensor(r)
+            mask[b, : len(r)] = 1
+        with torch.inference_mode():
+            x = model.activations(ids, mask, HOOK_SMOL)[mask.bool()]
+            sae.top_latents(x, 5)
+            sae.parents(x)
+
+    def timed(batches: list[list[list[int]]]) -> float:
+        run(batches[0])  # warm-up
+        t0 = time.perf_counter()
+        for batch in batches:
+            run(batch)
+        return (time.perf_counter() - t0) * 1000 / len(batches)
+
+    single = timed([[rows[i % len(rows)]] for i in range(CEILING_REPEATS)])
+    together = timed([rows] * CEILING_REPEATS)
+    return single, together
+
+
 def inference_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(
         description=INFERENCE_DOC, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -569,6 +613,7 @@ def inference_main(argv: list[str]) -> int:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.torch_threads)
     port = free_port()
     texts = inference_texts(args.sequential + args.requests + 4, args.words)
+    ceiling_texts = texts[4 : 4 + args.clients]
     try:
         with server(env, port, 1) as base:
             t0 = time.perf_counter()
@@ -595,6 +640,8 @@ def inference_main(argv: list[str]) -> int:
                 seq_s, seq_err, seq_n = seq_s + s_s, seq_err + s_e, seq_n + len(seq_texts)
                 par_s, par_err, par_n = par_s + p_s, par_err + p_e, par_n + len(par_texts)
             status = httpx.get(f"{base}/api/v1/inference/status", timeout=10).json()
+        # the server has stopped: the bare compute runs alone, in this process
+        single_ms, batch_ms = compute_times(folder, ceiling_texts, args.torch_threads)
     finally:
         if not args.data_dir:
             shutil.rmtree(work, ignore_errors=True)
@@ -614,6 +661,13 @@ def inference_main(argv: list[str]) -> int:
     )
     goal = "met" if many / one >= 3 else "NOT met"
     print(f"ratio batched / one at a time: {many / one:.2f}x  (goal >= 3x: {goal})")
+    n = len(ceiling_texts)
+    print(
+        f"bare compute, no server (model prefix + SAE top latents and parents, mean of "
+        f"{CEILING_REPEATS}): one text {single_ms:.1f} ms, {n} texts together {batch_ms:.1f} ms "
+        f"({batch_ms / n:.1f} ms each): batching gains the compute itself "
+        f"{single_ms * n / batch_ms:.2f}x here (the rest of the gain is per-request overhead shared)"
+    )
     print(
         f"engine: {counters['batches']} batches for {counters['requests']} requests, "
         f"mean {counters['mean_requests_per_batch']:.2f} and max {counters['max_requests_in_batch']} "

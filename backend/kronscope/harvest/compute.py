@@ -284,10 +284,11 @@ class Harvester:
     def _bookkeeping(self) -> Iterator[None]:
         """Run the streaming updates on ``bookkeeping_threads`` CPU threads (default all).
 
-        They are many medium-sized ops. On an idle 2-core machine 2 threads took 0.43 s a
-        batch of 2,048 tokens (F = 16,384) against 0.57 s with 1; on a machine shared with
-        other busy processes, fewer threads can be faster, since a pre-empted thread stalls
-        every op. Nothing changes on GPU."""
+        They are many medium-sized ops. On an idle 2-core machine ``benchmarks/
+        harvest_speed.py`` (F = 16,384, 400k tokens) measured the harvest at 1.49x the
+        prefix time with both threads, 1.65x with one; on a machine shared with other busy
+        processes, fewer threads can be faster, since a pre-empted thread stalls every op.
+        Nothing changes on GPU."""
         n = torch.get_num_threads()
         want = self.bookkeeping_threads or n
         if self.device.type != "cpu" or want >= n:
