@@ -40,9 +40,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import sqlalchemy as sa
-from sqlalchemy.engine import make_url
-from sqlalchemy.pool import NullPool
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers.db import fresh_postgres_database
 
 H, M, N, K, D_IN = 64, 16, 16, 32, 384
 F = H * M * N
@@ -51,24 +51,6 @@ MODEL_SMOL, HOOK_SMOL = "smollm2-135m", "model.layers.12"  # the live inference 
 
 
 # -- database ----------------------------------------------------------------------------
-@contextlib.contextmanager
-def fresh_database(base_url: str, keep: bool) -> Iterator[str]:
-    base = make_url(base_url)
-    name = f"kronscope_bench_{secrets.token_hex(4)}"
-    admin = sa.create_engine(
-        base.set(database="postgres"), isolation_level="AUTOCOMMIT", poolclass=NullPool
-    )
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    try:
-        yield base.set(database=name).render_as_string(hide_password=False)
-    finally:
-        if not keep:
-            with admin.connect() as conn:
-                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
-
-
 # -- the SAE and its pages --------------------------------------------------------------------
 def make_checkpoint(folder: Path) -> Path:
     import torch
@@ -379,7 +361,7 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="kronscope-bench-"))
     try:
-        with fresh_database(args.pg_url, args.keep) as url:
+        with fresh_postgres_database(args.pg_url, keep=args.keep) as url:
             settings = Settings(
                 data_dir=work / "data", database_url=url, device="cpu", run_jobs_in_process=False
             )

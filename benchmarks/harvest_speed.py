@@ -21,11 +21,12 @@ import argparse
 import json
 import os
 import resource
-import secrets
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # helpers.db
 
 
 def parse() -> argparse.Namespace:
@@ -123,10 +124,7 @@ def child(a: argparse.Namespace) -> dict:
 
 
 def write_test(a, sae, model, contexts, state, params) -> dict:  # type: ignore[no-untyped-def]
-    import sqlalchemy as sa
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.pool import NullPool
-
+    from helpers.db import fresh_postgres_database
     from kronscope.db import make_engine, make_sessionmaker, upgrade
     from kronscope.db.repositories import harvests, saes
     from kronscope.harvest.result import build_result
@@ -135,46 +133,37 @@ def write_test(a, sae, model, contexts, state, params) -> dict:  # type: ignore[
     t0 = time.perf_counter()
     result = build_result(state, sae, params, model.unembed())
     t_post = time.perf_counter() - t0
-    base = make_url(a.pg_url)
-    name = f"kronscope_bench_{secrets.token_hex(4)}"
-    admin = sa.create_engine(
-        base.set(database="postgres"), isolation_level="AUTOCOMMIT", poolclass=NullPool
-    )
-    with admin.connect() as c:
-        c.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    engine = make_engine(base.set(database=name))
-    try:
-        upgrade(engine)
-        factory = make_sessionmaker(engine)
-        with factory() as s:
-            row = saes.create_sae(
-                s,
-                slug="bench",
-                architecture="kronsae",
-                d_in=sae.d_in,
-                d_sae=sae.d_sae,
-                k=sae.k,
-                h=sae.h,
-                m=sae.m,
-                n=sae.n,
-                file_hash="0" * 64,
-                storage_path="saes/bench",
-            )
-            hid = harvests.create_harvest(
-                s, row.id, corpus_name=a.corpus, n_tokens=1, ctx_len=a.ctx_len
-            ).id
-            s.commit()
-        t0 = time.perf_counter()
-        with factory() as s:
-            counts = write_result(s, hid, result, contexts.input_ids, model.token_strings)
-            harvests.mark_complete(s, hid)
-            s.commit()
-        t_write = time.perf_counter() - t0
-    finally:
-        engine.dispose()
-        with admin.connect() as c:
-            c.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
+    with fresh_postgres_database(a.pg_url) as url:
+        engine = make_engine(url)
+        try:
+            upgrade(engine)
+            factory = make_sessionmaker(engine)
+            with factory() as s:
+                row = saes.create_sae(
+                    s,
+                    slug="bench",
+                    architecture="kronsae",
+                    d_in=sae.d_in,
+                    d_sae=sae.d_sae,
+                    k=sae.k,
+                    h=sae.h,
+                    m=sae.m,
+                    n=sae.n,
+                    file_hash="0" * 64,
+                    storage_path="saes/bench",
+                )
+                hid = harvests.create_harvest(
+                    s, row.id, corpus_name=a.corpus, n_tokens=1, ctx_len=a.ctx_len
+                ).id
+                s.commit()
+            t0 = time.perf_counter()
+            with factory() as s:
+                counts = write_result(s, hid, result, contexts.input_ids, model.token_strings)
+                harvests.mark_complete(s, hid)
+                s.commit()
+            t_write = time.perf_counter() - t0
+        finally:
+            engine.dispose()
     return {
         "post_s": t_post,
         "rows": counts.rows,

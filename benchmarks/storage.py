@@ -22,8 +22,12 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import sys
 import time
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # helpers.db
 
 
 def parse() -> argparse.Namespace:
@@ -71,9 +75,8 @@ def main() -> None:
     a = parse()
     import sqlalchemy as sa
     import torch
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.pool import NullPool
 
+    from helpers.db import fresh_postgres_database
     from kronscope.db import make_engine, make_sessionmaker, upgrade
     from kronscope.db.repositories import harvests, saes
     from kronscope.harvest import Harvester, HarvestParams, iter_batches
@@ -112,93 +115,85 @@ def main() -> None:
         f"({time.perf_counter() - t0:.0f} s)"
     )
 
-    base = make_url(a.pg_url)
-    name = f"kronscope_storage_{secrets.token_hex(4)}"
-    admin = sa.create_engine(
-        base.set(database="postgres"), isolation_level="AUTOCOMMIT", poolclass=NullPool
-    )
-    with admin.connect() as c:
-        c.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    engine = make_engine(base.set(database=name))
-    try:
-        upgrade(engine)
-        factory = make_sessionmaker(engine)
-        with factory() as s:
-            row = saes.create_sae(
-                s,
-                slug="bench",
-                architecture="kronsae",
-                d_in=sae.d_in,
-                d_sae=sae.d_sae,
-                k=sae.k,
-                h=sae.h,
-                m=sae.m,
-                n=sae.n,
-                file_hash="0" * 64,
-                storage_path="saes/bench",
-            )
-            hid = harvests.create_harvest(
-                s,
-                row.id,
-                corpus_name=a.corpus,
-                n_tokens=len(contexts) * a.ctx_len,
-                ctx_len=a.ctx_len,
-            ).id
-            counts = write_result(s, hid, result, contexts.input_ids, model.token_strings)
-            harvests.mark_complete(s, hid)
-            s.commit()
-
-        # The same examples, one row each with token strings and float8[] values.
-        strings = {
-            int(c): model.token_strings(contexts.input_ids[int(c)].tolist())
-            for c in result.context_indices()
-        }
-        with engine.begin() as conn:
-            conn.exec_driver_sql(NP_TABLE)
-            dbapi: Any = conn.connection.dbapi_connection
-            copy_sql = (
-                'COPY np_activation (id, tokens, "dataIndex", "index", layer, "modelId", '
-                '"maxValue", "maxValueTokenIndex", "minValue", "values", "creatorId") FROM STDIN'
-            )
-            kinds = {0: "", 1: "-base", 2: "-ext"}
-            with dbapi.cursor() as cur, cur.copy(copy_sql) as copy:
-                n = 0
-                for _, ex in result.examples:
-                    values = ex.values.astype("float32")
-                    for i in range(len(ex)):
-                        v = values[i]
-                        n += 1
-                        copy.write_row(
-                            (
-                                "c" + secrets.token_hex(12),  # cuid-like, 25 characters
-                                strings[int(ex.ctx[i])],
-                                str(int(ex.ctx[i])),
-                                str(int(ex.unit_index[i])),
-                                f"12-kronsae{kinds[int(ex.unit_kind[i])]}",
-                                a.model,
-                                float(v.max()),
-                                int(v.argmax()),
-                                float(v.min()),
-                                [float(x) for x in v],
-                                "bench",
-                            )
-                        )
-            assert n == n_examples
-        with engine.connect() as conn:
-
-            def size(table: str) -> int:
-                return int(
-                    conn.execute(sa.text(f"SELECT pg_total_relation_size('{table}')")).scalar()
+    with fresh_postgres_database(a.pg_url) as url:
+        engine = make_engine(url)
+        try:
+            upgrade(engine)
+            factory = make_sessionmaker(engine)
+            with factory() as s:
+                row = saes.create_sae(
+                    s,
+                    slug="bench",
+                    architecture="kronsae",
+                    d_in=sae.d_in,
+                    d_sae=sae.d_sae,
+                    k=sae.k,
+                    h=sae.h,
+                    m=sae.m,
+                    n=sae.n,
+                    file_hash="0" * 64,
+                    storage_path="saes/bench",
                 )
+                hid = harvests.create_harvest(
+                    s,
+                    row.id,
+                    corpus_name=a.corpus,
+                    n_tokens=len(contexts) * a.ctx_len,
+                    ctx_len=a.ctx_len,
+                ).id
+                counts = write_result(s, hid, result, contexts.input_ids, model.token_strings)
+                harvests.mark_complete(s, hid)
+                s.commit()
 
-            sizes = {
-                t: size(t) for t in ("example", "context", "token", "unit_stats", "np_activation")
+            # The same examples, one row each with token strings and float8[] values.
+            strings = {
+                int(c): model.token_strings(contexts.input_ids[int(c)].tolist())
+                for c in result.context_indices()
             }
-    finally:
-        engine.dispose()
-        with admin.connect() as c:
-            c.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
+            with engine.begin() as conn:
+                conn.exec_driver_sql(NP_TABLE)
+                dbapi: Any = conn.connection.dbapi_connection
+                copy_sql = (
+                    'COPY np_activation (id, tokens, "dataIndex", "index", layer, "modelId", '
+                    '"maxValue", "maxValueTokenIndex", "minValue", "values", "creatorId") FROM STDIN'
+                )
+                kinds = {0: "", 1: "-base", 2: "-ext"}
+                with dbapi.cursor() as cur, cur.copy(copy_sql) as copy:
+                    n = 0
+                    for _, ex in result.examples:
+                        values = ex.values.astype("float32")
+                        for i in range(len(ex)):
+                            v = values[i]
+                            n += 1
+                            copy.write_row(
+                                (
+                                    "c" + secrets.token_hex(12),  # cuid-like, 25 characters
+                                    strings[int(ex.ctx[i])],
+                                    str(int(ex.ctx[i])),
+                                    str(int(ex.unit_index[i])),
+                                    f"12-kronsae{kinds[int(ex.unit_kind[i])]}",
+                                    a.model,
+                                    float(v.max()),
+                                    int(v.argmax()),
+                                    float(v.min()),
+                                    [float(x) for x in v],
+                                    "bench",
+                                )
+                            )
+                assert n == n_examples
+            with engine.connect() as conn:
+
+                def size(table: str) -> int:
+                    return int(
+                        conn.execute(sa.text(f"SELECT pg_total_relation_size('{table}')")).scalar()
+                    )
+
+                sizes = {
+                    t: size(t)
+                    for t in ("example", "context", "token", "unit_stats", "np_activation")
+                }
+        finally:
+            engine.dispose()
 
     ours = sizes["example"] + sizes["context"] + sizes["token"]
     theirs = sizes["np_activation"]

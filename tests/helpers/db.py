@@ -63,8 +63,9 @@ __all__ = [
 
 
 @contextlib.contextmanager
-def fresh_postgres_database(base_url: str) -> Iterator[str]:
-    """Create ``kronscope_test_<random>`` next to ``base_url``'s database; drop it after."""
+def fresh_postgres_database(base_url: str, *, keep: bool = False) -> Iterator[str]:
+    """Create ``kronscope_test_<random>`` next to ``base_url``'s database; drop it after
+    (unless ``keep``). The benchmarks use it too."""
     base = make_url(base_url)
     name = f"kronscope_test_{secrets.token_hex(6)}"
     admin = sa.create_engine(
@@ -75,8 +76,9 @@ def fresh_postgres_database(base_url: str) -> Iterator[str]:
     try:
         yield base.set(database=name).render_as_string(hide_password=False)
     finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        if not keep:
+            with admin.connect() as conn:
+                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.dispose()
 
 
