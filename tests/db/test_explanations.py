@@ -109,6 +109,18 @@ def test_explanations_for_units(db_scratch_session: Session, sae: Sae) -> None:
     assert [e.id for e in got[1]] == [b.id, a.id]  # best score first
     assert [e.id for e in got[2]] == [c.id] and 3 not in got
 
+    # Several kinds in one query: same order per unit, kinds kept apart.
+    keys = [(UnitKind.LATENT, 1), (UnitKind.BASE, 1), (UnitKind.EXTENSION, 1), (0, 2)]
+    both = ex.explanations_for_keys(db_scratch_session, sae.id, keys)
+    assert sorted(both) == [
+        (int(UnitKind.LATENT), 1),
+        (int(UnitKind.LATENT), 2),
+        (int(UnitKind.BASE), 1),
+    ]
+    assert [e.id for e in both[(int(UnitKind.LATENT), 1)]] == [b.id, a.id]
+    assert [e.text for e in both[(int(UnitKind.BASE), 1)]] == ["base one"]
+    assert ex.explanations_for_keys(db_scratch_session, sae.id, []) == {}
+
 
 def test_search_ranks_relevant_first_with_highlights(
     db_scratch_session: Session, make_sae: Callable[..., Sae]

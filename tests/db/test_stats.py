@@ -98,6 +98,37 @@ def test_lookups_and_head_grid(db_session: Session, kron: Sae) -> None:
     assert sorted(parents) == [0, 15]
     grid = stats.head_grid(db_session, kron, 3)
     assert [u.unit_index for u in grid] == list(range(24, 32))
+
+
+def test_unit_briefs_across_kinds(db_session: Session, kron: Sae) -> None:
+    """One query for a latent's siblings, parents and neighbours: the same numbers as the
+    full rows, keyed by (kind, index); unknown units are absent."""
+    keys = [
+        (UnitKind.LATENT, 9),
+        (UnitKind.LATENT, 30),
+        (UnitKind.BASE, 7),
+        (UnitKind.EXTENSION, 0),
+    ]
+    briefs = stats.unit_briefs(db_session, kron, [*keys, (UnitKind.LATENT, 999)])
+    assert sorted(briefs) == sorted((int(k), i) for k, i in keys)
+    for kind, index in keys:
+        full = stats.get_unit_stats(db_session, kron, kind, index)
+        brief = briefs[(int(kind), index)]
+        assert full is not None
+        for column in ("n_active", "frequency", "mean_value", "max_value", "both_parents_active"):
+            assert getattr(brief, column) == getattr(full, column), column
+    assert stats.unit_briefs(db_session, kron, []) == {}
+
+
+def test_list_total_given_or_counted(db_session: Session, kron: Sae) -> None:
+    counted = stats.list_units(db_session, kron, min_frequency=0.2, limit=5)
+    assert counted.total == stats.count_units(db_session, kron, min_frequency=0.2)
+    assert counted.total == len(
+        stats.list_units(db_session, kron, min_frequency=0.2, limit=100).items
+    )
+    given = stats.list_units(db_session, kron, min_frequency=0.2, limit=5, total=counted.total)
+    assert given == counted
+    assert stats.count_units(db_session, kron, head=1) == 8
     assert stats.head_range(kron, UnitKind.LATENT, 3) == range(24, 32)
 
 
@@ -157,16 +188,21 @@ def test_latent_list_at_65k_is_index_backed(
 
         from kronscope.db.models import UnitStats as US
 
-        stmt = (
-            sa.select(US)
-            .where(US.harvest_id == h.id, US.unit_kind == 0)
-            .order_by(US.frequency.desc(), US.unit_index)
-            .limit(50)
-        )
-        compiled = stmt.compile(
-            dialect=db_session.get_bind().dialect, compile_kwargs={"literal_binds": True}
-        )
-        plan = " ".join(
-            str(r[-1]) for r in db_session.execute(sa.text(f"EXPLAIN QUERY PLAN {compiled}"))
-        )
-        assert "ix_unit_stats_frequency" in plan, plan
+        # The page of the list is found from the sort index alone: no table rows on the
+        # way to the offset, no sort.
+        for key, descending in [(US.frequency, True), (US.max_value, False)]:
+            stmt = (
+                sa.select(US.unit_index)
+                .where(US.harvest_id == h.id, US.unit_kind == 0)
+                .order_by(key.desc() if descending else key, US.unit_index)
+                .limit(50)
+                .offset(60_000)
+            )
+            compiled = stmt.compile(
+                dialect=db_session.get_bind().dialect, compile_kwargs={"literal_binds": True}
+            )
+            plan = " ".join(
+                str(r[-1]) for r in db_session.execute(sa.text(f"EXPLAIN QUERY PLAN {compiled}"))
+            )
+            index = f"ix_unit_stats_{key.key}_{'desc' if descending else 'asc'}"
+            assert f"COVERING INDEX {index}" in plan and "TEMP B-TREE" not in plan, plan

@@ -49,6 +49,14 @@ async def ensure_database(request: Request) -> None:
         )
 
 
+def _end(session: Session, finish: Callable[[Session], None]) -> None:
+    """Commit or roll back, then close (giving the connection back) whatever happened."""
+    try:
+        finish(session)
+    finally:
+        session.close()
+
+
 async def get_session(request: Request) -> AsyncIterator[Session]:
     state = request.app.state
     await ensure_database(request)
@@ -62,14 +70,13 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
             session = state.sessionmaker()
         try:
             yield session
-            await run_in_threadpool(tx.commit, session)
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await run_in_threadpool(tx.rollback, session)
+                await run_in_threadpool(_end, session, tx.rollback)
             raise
-        finally:
-            with anyio.CancelScope(shield=True):
-                await run_in_threadpool(session.close)
+        # One trip to the thread pool for commit and close (each trip costs a thread switch).
+        with anyio.CancelScope(shield=True):
+            await run_in_threadpool(_end, session, tx.commit)
 
 
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]

@@ -216,11 +216,6 @@ class UnitStats(Base):
     """Aggregate statistics of one unit in one harvest."""
 
     __tablename__ = "unit_stats"
-    __table_args__ = (
-        sa.Index("ix_unit_stats_frequency", "harvest_id", "unit_kind", "frequency"),
-        sa.Index("ix_unit_stats_max_value", "harvest_id", "unit_kind", "max_value"),
-    )
-
     harvest_id: Mapped[int] = mapped_column(
         sa.ForeignKey("harvest.id", ondelete="CASCADE"), primary_key=True
     )
@@ -244,6 +239,19 @@ class UnitStats(Base):
     """Causal LMs: ``{"top": [[token, value], ...], "bottom": [...]}``."""
     neighbours: Mapped[list[Any] | None] = mapped_column(NullableJSON)
     """Top 10 ``[index, cosine]`` by decoder direction."""
+
+
+# The latent list's sort indexes: one per key and direction, ties by index ascending either
+# way, so that a page is an index-only walk to its offset (``stats.list_units``).
+for _key in (UnitStats.frequency, UnitStats.max_value):
+    for _suffix, _order in (("asc", _key), ("desc", _key.desc())):
+        sa.Index(
+            f"ix_unit_stats_{_key.key}_{_suffix}",
+            UnitStats.harvest_id,
+            UnitStats.unit_kind,
+            _order,
+            UnitStats.unit_index,
+        )
 
 
 class Explanation(TimestampMixin, Base):

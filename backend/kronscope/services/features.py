@@ -20,7 +20,8 @@ from ..db.models import Explanation, Harvest, Sae, UnitKind, UnitStats
 from ..db.repositories import explanations as expl_repo
 from ..db.repositories import stats as stats_repo
 from ..db.repositories.examples import ExampleView
-from . import example_reads
+from ..db.repositories.stats import UnitBrief
+from . import harvest_reads
 from .errors import NotFound, Unprocessable
 from .sae_registry import harvest_summary
 
@@ -43,7 +44,7 @@ def _f0(x: Any) -> float:
     return 0.0 if v is None else v
 
 
-def stats_dict(s: UnitStats | None) -> dict[str, Any] | None:
+def stats_dict(s: UnitStats | UnitBrief | None) -> dict[str, Any] | None:
     if s is None:
         return None
     return {
@@ -168,7 +169,9 @@ def _best_texts(session: Session, sae: Sae, kind: int, indices: Iterable[int]) -
     return {i: items[0].text for i, items in found.items() if items}
 
 
-def _brief(sae: Sae, index: int, s: UnitStats | None, text: str | None) -> dict[str, Any]:
+def _brief(
+    sae: Sae, index: int, s: UnitStats | UnitBrief | None, text: str | None
+) -> dict[str, Any]:
     coords = coordinates(sae, index)
     return {
         "index": index,
@@ -185,9 +188,10 @@ def _brief(sae: Sae, index: int, s: UnitStats | None, text: str | None) -> dict[
 
 def briefs(session: Session, sae: Sae, indices: Sequence[int]) -> list[dict[str, Any]]:
     """Latent summaries for a set of indices (stats and best explanation), in that order."""
-    stats = stats_repo.stats_for_units(session, sae, UnitKind.LATENT, indices)
-    texts = _best_texts(session, sae, UnitKind.LATENT, indices)
-    return [_brief(sae, i, stats.get(i), texts.get(i)) for i in indices]
+    kind = int(UnitKind.LATENT)
+    stats = stats_repo.unit_briefs(session, sae, ((kind, i) for i in indices))
+    texts = _best_texts(session, sae, kind, indices)
+    return [_brief(sae, i, stats.get((kind, i)), texts.get(i)) for i in indices]
 
 
 # -- latent list -------------------------------------------------------------------------------
@@ -212,6 +216,17 @@ def list_latents(
         if not 0 <= head < sae.h:
             raise NotFound(f"Head {head} is out of range: {sae.slug} has heads 0 to {sae.h - 1}.")
     descending = (order or ("asc" if sort == "index" else "desc")) == "desc"
+    total = None
+    if sae.active_harvest_id is not None and has_explanation is None and not (q and q.strip()):
+        # The count does not change for a finished harvest: cached, not redone per page.
+        total = harvest_reads.list_total(
+            session,
+            sae.active_harvest_id,
+            ("latent", min_density, max_density, head),
+            lambda: stats_repo.count_units(
+                session, sae, min_frequency=min_density, max_frequency=max_density, head=head
+            ),
+        )
     page = stats_repo.list_units(
         session,
         sae,
@@ -224,6 +239,7 @@ def list_latents(
         q=q,
         limit=limit,
         offset=offset,
+        total=total,
     )
     texts = _best_texts(session, sae, UnitKind.LATENT, [s.unit_index for s in page.items])
     return {
@@ -279,11 +295,9 @@ def _unit_examples(
     mode: IntervalMode,
     per_interval: int,
 ) -> dict[str, Any]:
-    top: list[ExampleView] = []
-    samples: list[ExampleView] = []
-    if sae.active_harvest_id is not None:
-        top = example_reads.top_examples(session, sae, kind, index, limit=top_k) if top_k else []
-        samples = example_reads.sampled_examples(session, sae, kind, index) if intervals else []
+    top, samples = harvest_reads.unit_examples(
+        session, sae, kind, index, top_limit=top_k, samples=intervals > 0
+    )
     return {
         "harvest_status": _status(session, sae),
         "harvest_id": sae.active_harvest_id,
@@ -301,22 +315,27 @@ def _unit_examples(
 
 
 # -- one latent ----------------------------------------------------------------------------------
-def _parent_brief(
-    session: Session, sae: Sae, kind: ParentKind, head: int, within: int
-) -> dict[str, Any]:
+def _parent_key(sae: Sae, kind: ParentKind, head: int, within: int) -> tuple[int, int]:
     assert sae.m and sae.n
     size = sae.m if kind == "base" else sae.n
-    flat = head * size + within
-    unit = _PARENT_KIND[kind]
-    s = stats_repo.get_unit_stats(session, sae, unit, flat)
-    ex = expl_repo.explanations_for_units(session, sae.id, unit, [flat]).get(flat, [])
+    return int(_PARENT_KIND[kind]), head * size + within
+
+
+def _parent_brief(
+    kind: ParentKind,
+    head: int,
+    within: int,
+    flat: int,
+    stats: UnitBrief | None,
+    explanations: list[Explanation],
+) -> dict[str, Any]:
     return {
         "kind": kind,
         "head": head,
         "index": within,
         "flat_index": flat,
-        "stats": stats_dict(s),
-        "explanations": [explanation_dict(e) for e in ex],
+        "stats": stats_dict(stats),
+        "explanations": [explanation_dict(e) for e in explanations],
     }
 
 
@@ -374,44 +393,59 @@ def latent_detail(
     mode: IntervalMode = "width",
     per_interval: int = 5,
 ) -> dict[str, Any]:
-    """One latent's page in a fixed number of queries: the latent, its siblings and its
-    neighbours are looked up together (stats, then explanations)."""
+    """One latent's page in a fixed number of queries, whatever F is: the latent's own
+    statistics; the summaries of its siblings, parents and neighbours together; the
+    explanations of all of them together; its examples (and the cached vocabulary)."""
     check_index(sae, index)
+    latent = int(UnitKind.LATENT)
     row, col = _siblings(sae, index)
-    stats = stats_repo.stats_for_units(session, sae, UnitKind.LATENT, [index, *row, *col])
-    own = stats.get(index)
+    own = stats_repo.get_unit_stats(session, sae, latent, index)
     neighbours = _neighbour_pairs(sae, own)
-    missing = [i for i, _ in neighbours if i not in stats]
-    if missing:
-        stats.update(stats_repo.stats_for_units(session, sae, UnitKind.LATENT, missing))
-    wanted = {index, *row, *col, *(i for i, _ in neighbours)}
-    expl = expl_repo.explanations_for_units(session, sae.id, UnitKind.LATENT, wanted)
-    best = {i: items[0].text for i, items in expl.items() if items}
+    coords = coordinates(sae, index)
+    parents: dict[ParentKind, tuple[int, int]] = {}
+    if coords is not None:
+        g, i, j = coords
+        parents = {
+            "base": _parent_key(sae, "base", g, i),
+            "extension": _parent_key(sae, "extension", g, j),
+        }
+    others = [(latent, x) for x in {*row, *col, *(x for x, _ in neighbours)}]
+    stats = stats_repo.unit_briefs(session, sae, [*others, *parents.values()])
+    expl = expl_repo.explanations_for_keys(
+        session, sae.id, [(latent, index), *others, *parents.values()]
+    )
+    best = {i: items[0].text for (k, i), items in expl.items() if k == latent and items}
+
+    def brief(x: int) -> dict[str, Any]:
+        return _brief(sae, x, stats.get((latent, x)), best.get(x))
 
     out = _unit_examples(
         session,
         sae,
-        UnitKind.LATENT,
+        latent,
         index,
         stats=own,
-        explanations=expl.get(index, []),
+        explanations=expl.get((latent, index), []),
         top_k=top_k,
         intervals=intervals,
         mode=mode,
         per_interval=per_interval,
     )
     comp = None
-    coords = coordinates(sae, index)
     if coords is not None:
         g, i, j = coords
         comp = {
             "head": g,
             "base": i,
             "extension": j,
-            "base_parent": _parent_brief(session, sae, "base", g, i),
-            "extension_parent": _parent_brief(session, sae, "extension", g, j),
-            "row_siblings": [_brief(sae, x, stats.get(x), best.get(x)) for x in row],
-            "column_siblings": [_brief(sae, x, stats.get(x), best.get(x)) for x in col],
+            **{
+                f"{kind}_parent": _parent_brief(
+                    kind, g, within, key[1], stats.get(key), expl.get(key, [])
+                )
+                for (kind, key), within in zip(parents.items(), (i, j), strict=True)
+            },
+            "row_siblings": [brief(x) for x in row],
+            "column_siblings": [brief(x) for x in col],
         }
     out.update(
         sae=sae.slug,
@@ -423,7 +457,7 @@ def latent_detail(
             {
                 "index": x,
                 "cosine": c,
-                "density": _f(stats[x].frequency) if x in stats else None,
+                "density": _f(stats[(latent, x)].frequency) if (latent, x) in stats else None,
                 "explanation": best.get(x),
             }
             for x, c in neighbours
@@ -517,14 +551,14 @@ def head_grid(session: Session, sae: Sae, head: int) -> dict[str, Any]:
 
     def axis(unit: UnitKind, size: int) -> list[dict[str, Any]]:
         flat = [head * size + x for x in range(size)]
-        st = stats_repo.stats_for_units(session, sae, unit, flat)
+        st = stats_repo.unit_briefs(session, sae, ((unit, f) for f in flat))
         labels = _best_texts(session, sae, unit, flat)
         return [
             {
                 "index": x,
                 "flat_index": f,
                 "label": labels.get(f),
-                "density": _f(st[f].frequency) if f in st else None,
+                "density": _f(st[(unit, f)].frequency) if (unit, f) in st else None,
             }
             for x, f in enumerate(flat)
         ]

@@ -172,16 +172,8 @@ def _harvest_of(sae: Sae, harvest_id: int | None) -> int | None:
     return sae.active_harvest_id if harvest_id is None else harvest_id
 
 
-def _load(
-    session: Session,
-    harvest_id: int,
-    where: Sequence[Any],
-    limit: int | None,
-    vocab: Mapping[int, str] | None = None,
-) -> list[ExampleView]:
-    """The examples matching ``where``; token strings from ``vocab`` (the harvest's whole
-    token table, e.g. cached by the caller) or else looked up for these contexts' ids."""
-    stmt = (
+def _select(harvest_id: int, where: Sequence[Any]) -> sa.Select[*tuple[Any, ...]]:
+    return (
         sa.select(
             Example.id,
             Example.unit_kind,
@@ -200,9 +192,17 @@ def _load(
         .join(Context, Context.id == Example.context_id)
         .where(Example.harvest_id == harvest_id, *where)
         .order_by(Example.kind, Example.rank)
-        .limit(limit)
     )
-    rows = session.execute(stmt).all()
+
+
+def _views(
+    session: Session,
+    harvest_id: int,
+    rows: Sequence[Any],
+    vocab: Mapping[int, str] | None = None,
+) -> list[ExampleView]:
+    """Decode rows of ``_select``; token strings from ``vocab`` (the harvest's whole token
+    table, e.g. cached by the caller) or else looked up for these contexts' ids."""
     if not rows:
         return []
     decoded = [unpack_i32(r.token_ids) for r in rows]
@@ -229,6 +229,49 @@ def _load(
     ]
 
 
+def _load(
+    session: Session,
+    harvest_id: int,
+    where: Sequence[Any],
+    limit: int | None,
+    vocab: Mapping[int, str] | None = None,
+) -> list[ExampleView]:
+    """The examples matching ``where``, in kind then rank order."""
+    rows = session.execute(_select(harvest_id, where).limit(limit)).all()
+    return _views(session, harvest_id, rows, vocab)
+
+
+def _unit_where(unit_kind: int, unit_index: int) -> list[Any]:
+    return [Example.unit_kind == int(UnitKind(unit_kind)), Example.unit_index == unit_index]
+
+
+def unit_examples(
+    session: Session,
+    sae: Sae,
+    unit_kind: int,
+    unit_index: int,
+    *,
+    top_limit: int | None = None,
+    samples: bool = True,
+    harvest_id: int | None = None,
+    vocab: Mapping[int, str] | None = None,
+) -> tuple[list[ExampleView], list[ExampleView]]:
+    """A unit's top examples (best first, at most ``top_limit``) and, with ``samples``,
+    every reservoir sample, in one query: what a feature page shows."""
+    hid = _harvest_of(sae, harvest_id)
+    kinds = ([int(ExampleKind.TOP)] if top_limit != 0 else []) + (
+        [int(ExampleKind.SAMPLE)] if samples else []
+    )
+    if hid is None or not kinds:
+        return [], []
+    where = [*_unit_where(unit_kind, unit_index), Example.kind.in_(kinds)]
+    rows = session.execute(_select(hid, where)).all()
+    top = [r for r in rows if r.kind == ExampleKind.TOP][:top_limit]
+    sampled = [r for r in rows if r.kind == ExampleKind.SAMPLE]
+    views = _views(session, hid, top + sampled, vocab)
+    return views[: len(top)], views[len(top) :]
+
+
 def top_examples(
     session: Session,
     sae: Sae,
@@ -243,11 +286,7 @@ def top_examples(
     hid = _harvest_of(sae, harvest_id)
     if hid is None:
         return []
-    where = [
-        Example.unit_kind == int(UnitKind(unit_kind)),
-        Example.unit_index == unit_index,
-        Example.kind == int(ExampleKind.TOP),
-    ]
+    where = [*_unit_where(unit_kind, unit_index), Example.kind == int(ExampleKind.TOP)]
     return _load(session, hid, where, limit, vocab)
 
 
@@ -268,8 +307,7 @@ def sampled_examples(
     if hid is None:
         return []
     where: list[Any] = [
-        Example.unit_kind == int(UnitKind(unit_kind)),
-        Example.unit_index == unit_index,
+        *_unit_where(unit_kind, unit_index),
         Example.kind == int(ExampleKind.SAMPLE),
     ]
     if min_value is not None:

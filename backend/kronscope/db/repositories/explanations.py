@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from ..base import utcnow
 from ..errors import NotFound
 from ..models import Explanation, ExplanationRevision, Sae, UnitKind
-from ._common import Page, chunked
+from ._common import Page, chunked, units_clause
 from .search_syntax import SearchQuery, parse_search_query
 
 # Highlight markers: private-use characters, never in real text; turned into segments.
@@ -137,17 +137,28 @@ def explanations_for_units(
     session: Session, sae_id: int, unit_kind: int, unit_indices: Iterable[int]
 ) -> dict[int, list[Explanation]]:
     """Live explanations of the given units, best score first, then newest."""
-    out: dict[int, list[Explanation]] = defaultdict(list)
-    for chunk in chunked(sorted({int(i) for i in unit_indices})):
+    kind = int(unit_kind)
+    found = explanations_for_keys(session, sae_id, ((kind, int(i)) for i in unit_indices))
+    return {index: items for (_, index), items in found.items()}
+
+
+def explanations_for_keys(
+    session: Session, sae_id: int, units: Iterable[tuple[int, int]]
+) -> dict[tuple[int, int], list[Explanation]]:
+    """Live explanations of units of any kinds, ``(unit_kind, unit_index)``, in one query
+    per thousand units: by unit, best score first, then newest."""
+    out: dict[tuple[int, int], list[Explanation]] = defaultdict(list)
+    keys = sorted({(int(k), int(i)) for k, i in units})
+    for chunk in chunked(keys):
         rows = session.scalars(
             sa.select(Explanation)
             .where(
                 Explanation.sae_id == sae_id,
-                Explanation.unit_kind == int(unit_kind),
-                Explanation.unit_index.in_(chunk),
+                units_clause(Explanation.unit_kind, Explanation.unit_index, chunk),
                 Explanation.deleted_at.is_(None),
             )
             .order_by(
+                Explanation.unit_kind,
                 Explanation.unit_index,
                 Explanation.score.desc().nulls_last(),
                 Explanation.updated_at.desc(),
@@ -155,7 +166,7 @@ def explanations_for_units(
             )
         )
         for expl in rows:
-            out[expl.unit_index].append(expl)
+            out[(expl.unit_kind, expl.unit_index)].append(expl)
     return dict(out)
 
 
