@@ -325,17 +325,17 @@ def _parent_brief(
     kind: ParentKind,
     head: int,
     within: int,
-    flat: int,
-    stats: UnitBrief | None,
-    explanations: list[Explanation],
+    key: tuple[int, int],
+    stats: dict[tuple[int, int], UnitBrief],
+    explanations: dict[tuple[int, int], list[Explanation]],
 ) -> dict[str, Any]:
     return {
         "kind": kind,
         "head": head,
         "index": within,
-        "flat_index": flat,
-        "stats": stats_dict(stats),
-        "explanations": [explanation_dict(e) for e in explanations],
+        "flat_index": key[1],
+        "stats": stats_dict(stats.get(key)),
+        "explanations": [explanation_dict(e) for e in explanations.get(key, [])],
     }
 
 
@@ -409,11 +409,10 @@ def latent_detail(
             "base": _parent_key(sae, "base", g, i),
             "extension": _parent_key(sae, "extension", g, j),
         }
-    others = [(latent, x) for x in {*row, *col, *(x for x, _ in neighbours)}]
-    stats = stats_repo.unit_briefs(session, sae, [*others, *parents.values()])
-    expl = expl_repo.explanations_for_keys(
-        session, sae.id, [(latent, index), *others, *parents.values()]
-    )
+    units = [(latent, x) for x in {index, *row, *col, *(x for x, _ in neighbours)}]
+    units += parents.values()
+    stats = stats_repo.unit_briefs(session, sae, units)
+    expl = expl_repo.explanations_for_keys(session, sae.id, units)
     best = {i: items[0].text for (k, i), items in expl.items() if k == latent and items}
 
     def brief(x: int) -> dict[str, Any]:
@@ -438,12 +437,8 @@ def latent_detail(
             "head": g,
             "base": i,
             "extension": j,
-            **{
-                f"{kind}_parent": _parent_brief(
-                    kind, g, within, key[1], stats.get(key), expl.get(key, [])
-                )
-                for (kind, key), within in zip(parents.items(), (i, j), strict=True)
-            },
+            "base_parent": _parent_brief("base", g, i, parents["base"], stats, expl),
+            "extension_parent": _parent_brief("extension", g, j, parents["extension"], stats, expl),
             "row_siblings": [brief(x) for x in row],
             "column_siblings": [brief(x) for x in col],
         }
