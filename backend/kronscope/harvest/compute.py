@@ -315,7 +315,8 @@ class Harvester:
 
         They are many medium-sized ops. On an idle 2-core machine ``benchmarks/
         harvest_speed.py`` (F = 16,384, 400k tokens) measured the harvest at 1.49x the
-        prefix time with both threads, 1.65x with one; on a machine shared with other busy
+        prefix time with both threads, 1.65x with one (before the work buffers of
+        ``_Scratch``, which brought it to 1.42x); on a machine shared with other busy
         processes, fewer threads can be faster, since a pre-empted thread stalls every op.
         Nothing changes on GPU."""
         n = torch.get_num_threads()
