@@ -74,11 +74,14 @@ def clear_cache() -> None:
     _totals.clear()
 
 
+_FINISHED_AT = sa.select(Harvest.finished_at).where(Harvest.id == sa.bindparam("harvest_id"))
+
+
 def _finished_key(session: Session, harvest_id: int) -> tuple[str, int, datetime] | None:
     """What identifies a finished harvest across databases; None while it is unfinished."""
     bind = session.get_bind()
     engine = bind if isinstance(bind, sa.Engine) else bind.engine
-    finished = session.scalar(sa.select(Harvest.finished_at).where(Harvest.id == harvest_id))
+    finished = session.scalar(_FINISHED_AT, {"harvest_id": harvest_id})
     if finished is None:
         return None
     return engine.url.render_as_string(hide_password=True), harvest_id, finished

@@ -172,7 +172,7 @@ def _harvest_of(sae: Sae, harvest_id: int | None) -> int | None:
     return sae.active_harvest_id if harvest_id is None else harvest_id
 
 
-def _select(harvest_id: int, where: Sequence[Any]) -> sa.Select[*tuple[Any, ...]]:
+def _select(harvest_id: Any, where: Sequence[Any]) -> sa.Select[*tuple[Any, ...]]:
     return (
         sa.select(
             Example.id,
@@ -241,6 +241,17 @@ def _load(
     return _views(session, harvest_id, rows, vocab)
 
 
+# A page's query, built once: the unit and the example kinds are bound when it runs.
+_UNIT_EXAMPLES = _select(
+    sa.bindparam("harvest_id"),
+    [
+        Example.unit_kind == sa.bindparam("unit_kind"),
+        Example.unit_index == sa.bindparam("unit_index"),
+        Example.kind.in_(sa.bindparam("kinds", expanding=True)),
+    ],
+)
+
+
 def _unit_where(unit_kind: int, unit_index: int) -> list[Any]:
     return [Example.unit_kind == int(UnitKind(unit_kind)), Example.unit_index == unit_index]
 
@@ -264,8 +275,13 @@ def unit_examples(
     )
     if hid is None or not kinds:
         return [], []
-    where = [*_unit_where(unit_kind, unit_index), Example.kind.in_(kinds)]
-    rows = session.execute(_select(hid, where)).all()
+    params = {
+        "harvest_id": hid,
+        "unit_kind": int(UnitKind(unit_kind)),
+        "unit_index": int(unit_index),
+        "kinds": kinds,
+    }
+    rows = session.execute(_UNIT_EXAMPLES, params).all()
     top = [r for r in rows if r.kind == ExampleKind.TOP][:top_limit]
     sampled = [r for r in rows if r.kind == ExampleKind.SAMPLE]
     views = _views(session, hid, top + sampled, vocab)

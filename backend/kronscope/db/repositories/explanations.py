@@ -9,6 +9,7 @@ sanitised by ``search_syntax`` first, so no query is ever a syntax error.
 
 from __future__ import annotations
 
+import functools
 import html
 from collections import defaultdict
 from collections.abc import Iterable
@@ -21,7 +22,7 @@ from sqlalchemy.orm import Session
 from ..base import utcnow
 from ..errors import NotFound
 from ..models import Explanation, ExplanationRevision, Sae, UnitKind
-from ._common import Page, chunked, units_clause
+from ._common import Page, chunked, units_clause, units_params
 from .search_syntax import SearchQuery, parse_search_query
 
 # Highlight markers: private-use characters, never in real text; turned into segments.
@@ -142,6 +143,25 @@ def explanations_for_units(
     return {index: items for (_, index), items in found.items()}
 
 
+@functools.cache
+def _explanations_select(kinds: tuple[int, ...]) -> sa.Select[Explanation]:
+    return (
+        sa.select(Explanation)
+        .where(
+            Explanation.sae_id == sa.bindparam("sae_id"),
+            units_clause(Explanation.unit_kind, Explanation.unit_index, kinds),
+            Explanation.deleted_at.is_(None),
+        )
+        .order_by(
+            Explanation.unit_kind,
+            Explanation.unit_index,
+            Explanation.score.desc().nulls_last(),
+            Explanation.updated_at.desc(),
+            Explanation.id.desc(),
+        )
+    )
+
+
 def explanations_for_keys(
     session: Session, sae_id: int, units: Iterable[tuple[int, int]]
 ) -> dict[tuple[int, int], list[Explanation]]:
@@ -150,22 +170,8 @@ def explanations_for_keys(
     out: dict[tuple[int, int], list[Explanation]] = defaultdict(list)
     keys = sorted({(int(k), int(i)) for k, i in units})
     for chunk in chunked(keys):
-        rows = session.scalars(
-            sa.select(Explanation)
-            .where(
-                Explanation.sae_id == sae_id,
-                units_clause(Explanation.unit_kind, Explanation.unit_index, chunk),
-                Explanation.deleted_at.is_(None),
-            )
-            .order_by(
-                Explanation.unit_kind,
-                Explanation.unit_index,
-                Explanation.score.desc().nulls_last(),
-                Explanation.updated_at.desc(),
-                Explanation.id.desc(),
-            )
-        )
-        for expl in rows:
+        kinds, params = units_params(chunk)
+        for expl in session.scalars(_explanations_select(kinds), {"sae_id": sae_id, **params}):
             out[(expl.unit_kind, expl.unit_index)].append(expl)
     return dict(out)
 

@@ -75,8 +75,11 @@ def get_sae(session: Session, sae_id: int) -> Sae | None:
     return session.get(Sae, sae_id)
 
 
+_BY_SLUG = sa.select(Sae).where(Sae.slug == sa.bindparam("slug"))  # every request: built once
+
+
 def get_sae_by_slug(session: Session, slug: str) -> Sae | None:
-    return session.scalars(sa.select(Sae).where(Sae.slug == slug)).one_or_none()
+    return session.scalars(_BY_SLUG, {"slug": slug}).one_or_none()
 
 
 def get_sae_by_hash(session: Session, file_hash: str) -> Sae | None:

@@ -8,6 +8,7 @@ lookups. The harvester writes one row per unit, dead units (``n_active = 0``) in
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
@@ -17,7 +18,7 @@ from sqlalchemy.orm import Session
 from ..codec import pack_i64
 from ..models import Explanation, Sae, UnitKind, UnitStats
 from ._bulk import bulk_insert
-from ._common import Page, chunked, units_clause
+from ._common import Page, chunked, units_clause, units_params
 from .explanations import matching_units
 
 SortKey = Literal["index", "frequency", "max_value"]
@@ -175,21 +176,11 @@ def list_units(
             .offset(offset)
         )
     )
-    found = (
-        {
-            row.unit_index: row
-            for row in session.execute(
-                sa.select(*BRIEF_COLUMNS).where(
-                    UnitStats.harvest_id == hid,
-                    UnitStats.unit_kind == kind,
-                    UnitStats.unit_index.in_(page),
-                )
-            )
-        }
-        if page
-        else {}
-    )
-    items = [found[i] for i in page if i in found]
+    items: list[UnitBrief] = []
+    if page:
+        params = {"harvest_id": hid, f"units_{kind}": page}
+        found = {row.unit_index: row for row in session.execute(_briefs_select((kind,)), params)}
+        items = [found[i] for i in page if i in found]
     if total is None:
         count = sa.select(sa.func.count()).select_from(UnitStats).where(*where)
         total = session.scalar(count) or 0
@@ -231,6 +222,14 @@ def stats_for_units(
     return out
 
 
+@functools.cache
+def _briefs_select(kinds: tuple[int, ...]) -> sa.Select[*tuple[Any, ...]]:
+    return sa.select(*BRIEF_COLUMNS).where(
+        UnitStats.harvest_id == sa.bindparam("harvest_id"),
+        units_clause(UnitStats.unit_kind, UnitStats.unit_index, kinds),
+    )
+
+
 def unit_briefs(
     session: Session,
     sae: Sae,
@@ -246,12 +245,8 @@ def unit_briefs(
     keys = sorted({(int(UnitKind(k)), int(i)) for k, i in units})
     out: dict[tuple[int, int], UnitBrief] = {}
     for chunk in chunked(keys):
-        for row in session.execute(
-            sa.select(*BRIEF_COLUMNS).where(
-                UnitStats.harvest_id == hid,
-                units_clause(UnitStats.unit_kind, UnitStats.unit_index, chunk),
-            )
-        ):
+        kinds, params = units_params(chunk)
+        for row in session.execute(_briefs_select(kinds), {"harvest_id": hid, **params}):
             out[(row.unit_kind, row.unit_index)] = row
     return out
 
