@@ -124,9 +124,9 @@ def child(a: argparse.Namespace) -> dict:
 
 
 def write_test(a, sae, model, contexts, state, params) -> dict:  # type: ignore[no-untyped-def]
-    from helpers.db import fresh_postgres_database
+    from helpers.db import bench_harvest_row, fresh_postgres_database
     from kronscope.db import make_engine, make_sessionmaker, upgrade
-    from kronscope.db.repositories import harvests, saes
+    from kronscope.db.repositories import harvests
     from kronscope.harvest.result import build_result
     from kronscope.harvest.writer import write_result
 
@@ -139,22 +139,7 @@ def write_test(a, sae, model, contexts, state, params) -> dict:  # type: ignore[
             upgrade(engine)
             factory = make_sessionmaker(engine)
             with factory() as s:
-                row = saes.create_sae(
-                    s,
-                    slug="bench",
-                    architecture="kronsae",
-                    d_in=sae.d_in,
-                    d_sae=sae.d_sae,
-                    k=sae.k,
-                    h=sae.h,
-                    m=sae.m,
-                    n=sae.n,
-                    file_hash="0" * 64,
-                    storage_path="saes/bench",
-                )
-                hid = harvests.create_harvest(
-                    s, row.id, corpus_name=a.corpus, n_tokens=1, ctx_len=a.ctx_len
-                ).id
+                hid = bench_harvest_row(s, sae, corpus=a.corpus, n_tokens=1, ctx_len=a.ctx_len)
                 s.commit()
             t0 = time.perf_counter()
             with factory() as s:

@@ -76,9 +76,9 @@ def main() -> None:
     import sqlalchemy as sa
     import torch
 
-    from helpers.db import fresh_postgres_database
+    from helpers.db import bench_harvest_row, fresh_postgres_database
     from kronscope.db import make_engine, make_sessionmaker, upgrade
-    from kronscope.db.repositories import harvests, saes
+    from kronscope.db.repositories import harvests
     from kronscope.harvest import Harvester, HarvestParams, iter_batches
     from kronscope.harvest.result import build_result
     from kronscope.harvest.writer import write_result
@@ -121,26 +121,10 @@ def main() -> None:
             upgrade(engine)
             factory = make_sessionmaker(engine)
             with factory() as s:
-                row = saes.create_sae(
-                    s,
-                    slug="bench",
-                    architecture="kronsae",
-                    d_in=sae.d_in,
-                    d_sae=sae.d_sae,
-                    k=sae.k,
-                    h=sae.h,
-                    m=sae.m,
-                    n=sae.n,
-                    file_hash="0" * 64,
-                    storage_path="saes/bench",
+                n_tokens = len(contexts) * a.ctx_len
+                hid = bench_harvest_row(
+                    s, sae, corpus=a.corpus, n_tokens=n_tokens, ctx_len=a.ctx_len
                 )
-                hid = harvests.create_harvest(
-                    s,
-                    row.id,
-                    corpus_name=a.corpus,
-                    n_tokens=len(contexts) * a.ctx_len,
-                    ctx_len=a.ctx_len,
-                ).id
                 counts = write_result(s, hid, result, contexts.input_ids, model.token_strings)
                 harvests.mark_complete(s, hid)
                 s.commit()

@@ -203,6 +203,32 @@ def make_sae() -> Callable[..., Sae]:
     return _make
 
 
+def bench_harvest_row(
+    session: Session, sae: Any, *, corpus: str, n_tokens: int, ctx_len: int
+) -> int:
+    """Register a live KronSAE module as SAE row ``bench`` and create a harvest row for it
+    (the benchmarks write a real harvest into it); returns the harvest id."""
+    from kronscope.db.repositories import harvests
+
+    row = saes.create_sae(
+        session,
+        slug="bench",
+        architecture="kronsae",
+        d_in=sae.d_in,
+        d_sae=sae.d_sae,
+        k=sae.k,
+        h=sae.h,
+        m=sae.m,
+        n=sae.n,
+        file_hash="0" * 64,
+        storage_path="saes/bench",
+    )
+    harvest = harvests.create_harvest(
+        session, row.id, corpus_name=corpus, n_tokens=n_tokens, ctx_len=ctx_len
+    )
+    return harvest.id
+
+
 def write_fake_harvest(
     session: Session,
     sae: Sae,
