@@ -96,13 +96,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        engine = make_engine(settings.resolved_database_url)
+        pool = settings.db_pool_size
+        engine = make_engine(settings.resolved_database_url, pool_size=pool)
         app.state.engine = engine
         app.state.sessionmaker = make_sessionmaker(engine)
         app.state.write_sessionmaker = make_sessionmaker(engine, begin_immediate=True)
-        # Requests hold at most this many pooled connections at once (see api.deps); the
-        # rest is left to the job runner and streamed exports.
-        app.state.db_slots = anyio.Semaphore(max(1, min(pool_capacity(engine) - 3, 64)))
+        # Feature pages only read: no transaction to begin and roll back around them.
+        app.state.read_sessionmaker = make_sessionmaker(
+            engine.execution_options(isolation_level="AUTOCOMMIT")
+        )
+        # Requests hold at most this many pooled connections at once (see api.deps): as many
+        # as the pool keeps open, so that no request opens and closes an overflow connection
+        # of its own; the overflow is left to the job runner and streamed exports.
+        app.state.db_slots = anyio.Semaphore(max(1, min(pool, pool_capacity(engine) - 3, 64)))
         app.state.migrated = False
         app.state.migrate_lock = threading.Lock()
         app.state.job_runner = None

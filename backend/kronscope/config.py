@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     device: str = "auto"
     """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
 
+    db_pool_size: int = Field(default=10, ge=1, le=256)
+    """Database connections the web process keeps open. Requests use at most this many at
+    once (more wait their turn); as many again may open for jobs and exports."""
+
     # -- API and jobs ------------------------------------------------------------------
     require_key_for_reads: bool = False
     """Reads are public by default; set true to require an API key (any scope) for them."""

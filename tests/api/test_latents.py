@@ -228,3 +228,62 @@ def test_head_grid(client: TestClient, seeded: Any) -> None:
     assert head0["cells"][1][1]["explanation"] == "zebra stripes on animals"
     assert_error(client.get(f"/api/v1/saes/{seeded.kron}/heads/2"), 404)
     assert_error(client.get(f"/api/v1/saes/{seeded.kron}/heads/-5"), 404)
+
+
+def test_pages_match_their_documented_models(client: TestClient, seeded: Any) -> None:
+    """The feature pages are serialised directly (not through their response models): each
+    must still be exactly what its model in the OpenAPI schema says."""
+    from kronscope.api import schemas
+
+    for path, model in [
+        (f"/api/v1/saes/{seeded.kron}/latents?sort=density&limit=7&offset=3", schemas.LatentPage),
+        (f"/api/v1/saes/{seeded.kron}/latents?q=zebra", schemas.LatentPage),
+        (f"/api/v1/saes/{seeded.kron}/latents/5", schemas.LatentDetail),
+        (f"/api/v1/saes/{seeded.kron}/latents/5?mode=quantile&intervals=3", schemas.LatentDetail),
+        (f"/api/v1/saes/{seeded.topk}/latents/0", schemas.LatentDetail),
+        (f"/api/v1/saes/{seeded.unharvested}/latents/3", schemas.LatentDetail),
+        (f"/api/v1/saes/{seeded.kron}/parents/base/1/0", schemas.ParentDetail),
+        (f"/api/v1/saes/{seeded.kron}/heads/1", schemas.HeadGrid),
+    ]:
+        r = client.get(path)
+        assert r.status_code == 200 and r.headers["content-type"] == "application/json", path
+        body = r.json()
+        parsed = model.model_validate_json(r.content)
+        # Nothing the model does not know, nothing missing, values as the model writes them.
+        assert parsed.model_dump(mode="json") == body, path
+    expl = client.get(f"/api/v1/saes/{seeded.kron}/latents/5").json()["explanations"][0]
+    assert expl["created_at"].endswith("Z") and "+" not in expl["created_at"]
+
+
+def test_pages_follow_a_new_harvest_and_a_delete(
+    client: TestClient, seeded: Any, db_factory: Any, make_sae: Any
+) -> None:
+    """A page plans its reads from the SAE row an earlier page read; when the row changed
+    meanwhile (a new harvest became active, the SAE was deleted) the page is read again."""
+    from helpers.db import write_fake_harvest
+    from kronscope.db.repositories import saes
+
+    with db_factory() as s:
+        sae = make_sae(s, d_sae=32)
+        slug = sae.slug
+        first = write_fake_harvest(s, sae, seed=1)
+        s.commit()
+    page = client.get(f"/api/v1/saes/{slug}/latents/3").json()
+    listing = client.get(f"/api/v1/saes/{slug}/latents", params={"sort": "density"}).json()
+    assert page["harvest_id"] == first
+    with db_factory() as s:
+        sae = saes.get_sae_by_slug(s, slug)
+        assert sae is not None
+        second = write_fake_harvest(s, sae, seed=2, ctx_len=6)
+        s.commit()
+    page = client.get(f"/api/v1/saes/{slug}/latents/3").json()
+    assert page["harvest_id"] == second and len(page["top_examples"][0]["tokens"]) == 6
+    again = client.get(f"/api/v1/saes/{slug}/latents", params={"sort": "density"}).json()
+    assert again["items"] != listing["items"]  # the new harvest's densities
+    with db_factory() as s:
+        sae = saes.get_sae_by_slug(s, slug)
+        assert sae is not None
+        saes.delete_sae(s, sae)
+        s.commit()
+    for path in ("latents/3", "latents", "heads/0", "parents/base/0/0"):
+        assert_error(client.get(f"/api/v1/saes/{slug}/{path}"), 404)

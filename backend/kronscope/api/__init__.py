@@ -15,11 +15,17 @@ from fastapi import APIRouter
 from . import routes
 
 PREFIX = "/api/v1"
+HOT_ROUTES = ("latents", "parents", "heads")
 
 
 def api_router() -> APIRouter:
     root = APIRouter(prefix=PREFIX)
-    for info in sorted(pkgutil.iter_modules(routes.__path__), key=lambda m: m.name):
+    # The feature pages a dashboard serves most are matched first.
+    first = {name: rank for rank, name in enumerate(HOT_ROUTES)}
+    modules = sorted(
+        pkgutil.iter_modules(routes.__path__), key=lambda m: (first.get(m.name, len(first)), m.name)
+    )
+    for info in modules:
         if info.name.startswith("_"):
             continue
         module = importlib.import_module(f"{routes.__name__}.{info.name}")

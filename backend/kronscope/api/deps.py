@@ -9,6 +9,9 @@
   while the requests holding connections wait for a thread to commit (that deadlock held
   every connection until the pool's 30 s timeout under 64 clients).
 - ``SAEDep``: the ``{sae}`` path parameter resolved to its row (404 in plain words).
+- ``read_json``: the feature pages' path: one trip to the thread pool that opens the
+  session, checks read access, reads and serialises the page (orjson), for the reads a
+  dashboard makes most (see ``services.features``).
 - ``ReaderDep``: reads are public unless ``require_key_for_reads``; then any live key.
 - ``UploaderDep`` / ``DeleterDep`` / ``ExplainerDep`` / ``JobsDep``: a key with that scope
   (401 without a valid key, 403 without the scope); the key's name is the author.
@@ -17,15 +20,17 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 import anyio
-from fastapi import Depends, Path, Request, Security
+import orjson
+from fastapi import Depends, Path, Request, Response, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from ..config import Settings
+from ..db.errors import DatabaseUnavailable
 from ..db.models import Sae
 from ..services import keys as key_service
 from ..services import sae_registry, tx
@@ -137,11 +142,55 @@ ExplainerDep = Annotated[Caller, Depends(require_scope("explanations"))]
 JobsDep = Annotated[Caller, Depends(require_scope("jobs"))]
 
 
-def get_sae(
-    session: SessionDep,
-    sae: Annotated[str, Path(min_length=1, max_length=128, description="The SAE's slug.")],
-) -> Sae:
+SaeSlug = Annotated[str, Path(min_length=1, max_length=128, description="The SAE's slug.")]
+
+
+def get_sae(session: SessionDep, sae: SaeSlug) -> Sae:
     return sae_registry.get_sae(session, sae)
 
 
 SAEDep = Annotated[Sae, Depends(get_sae)]
+
+
+def _json_default(value: Any) -> Any:
+    """What orjson does not know natively: numpy scalars and arrays."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def dumps(body: Any) -> bytes:
+    """JSON bytes as the API writes them (UTC timestamps end in ``Z``, as pydantic's do)."""
+    return orjson.dumps(body, default=_json_default, option=orjson.OPT_UTC_Z)
+
+
+async def read_json(request: Request, read: Callable[[Session], Any]) -> Response:
+    """Serve a read-only page: ``read(session)`` and its serialisation run in one trip to
+    the thread pool, under a database slot (see ``get_session``), and the bytes go out as
+    they are. The route's ``response_model`` documents the shape; tests check the pages
+    against it (validating each response again here cost more than the reads)."""
+    state = request.app.state
+    await ensure_database(request)
+
+    def attempt() -> bytes:
+        session: Session = state.read_sessionmaker()  # autocommit: no BEGIN, no ROLLBACK
+        try:
+            require_read(request, state.settings, session)
+            return dumps(read(session))
+        finally:
+            session.close()
+
+    def run() -> bytes:
+        try:
+            return attempt()
+        except DatabaseUnavailable as exc:
+            # A pooled connection the server had dropped (it restarted): the pool has been
+            # replaced, and a read can simply run again on a fresh connection.
+            if not getattr(exc, "broken_connection", False):
+                raise
+            return attempt()
+
+    async with state.db_slots:
+        with anyio.CancelScope(shield=True):  # the session is closed whatever the client does
+            content = await run_in_threadpool(run)
+    return Response(content, media_type="application/json")

@@ -5,7 +5,13 @@
   legacy transaction handling breaks SAVEPOINTs and transactional DDL. A session made with
   ``begin_immediate=True`` starts with ``BEGIN IMMEDIATE`` (takes the write lock up front:
   use it for sessions that read then write, such as workers).
-- PostgreSQL: ``pool_pre_ping`` and a short connect timeout, so a down server fails fast.
+- PostgreSQL: a connection that sat idle in the pool for a while (``PING_IDLE_S``) is
+  pinged before it is handed out, so one the server dropped (a restart, an idle timeout)
+  is replaced instead of failing a request; and a short connect timeout, so a down server
+  fails fast. A connection in steady use is not pinged: SQLAlchemy's ``pool_pre_ping``
+  pings at every checkout, a round trip that cost a busy page server more CPU than any
+  query of a feature page. A connection that breaks while in use fails its request with a
+  503 and has the pool refreshed (``handle_error`` below, and ``db.raw``).
 - Connection failures surface as ``DatabaseUnavailable`` (HTTP 503), not a raw driver error.
 - ``upgrade`` runs the real Alembic migrations (tests, ``kronscope db upgrade``, app start);
   on PostgreSQL it holds an advisory lock so several processes starting at once migrate once.
@@ -14,6 +20,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,12 +54,19 @@ def _is_unavailable(ctx: ExceptionContext) -> bool:
     return "unable to open database file" in str(ctx.original_exception).lower()
 
 
-def make_engine(url: str | URL, **kwargs: Any) -> Engine:
-    """An engine configured for SQLite or PostgreSQL (see the module docstring)."""
+def make_engine(url: str | URL, *, pool_size: int | None = None, **kwargs: Any) -> Engine:
+    """An engine configured for SQLite or PostgreSQL (see the module docstring).
+    ``pool_size``: connections kept open, and as many again allowed beyond them (databases
+    on disk; an in-memory SQLite database has its own pool)."""
     url = make_url(url)
     backend = url.get_backend_name()
+    database = url.database or ""
+    in_memory = backend == "sqlite" and (not database or database == ":memory:"
+                                         or "mode=memory" in str(url))  # fmt: skip
+    if pool_size is not None and not in_memory:
+        kwargs.setdefault("pool_size", pool_size)
+        kwargs.setdefault("max_overflow", pool_size)
     if backend == "sqlite":
-        database = url.database or ""
         if database and database != ":memory:" and not database.startswith("file:"):
             Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         connect_args = {"check_same_thread": False, **kwargs.pop("connect_args", {})}
@@ -80,8 +94,9 @@ def make_engine(url: str | URL, **kwargs: Any) -> Engine:
             "application_name": "kronscope",
             **kwargs.pop("connect_args", {}),
         }
-        kwargs.setdefault("pool_pre_ping", True)
         engine = sa.create_engine(url, connect_args=connect_args, **kwargs)
+        if not kwargs.get("pool_pre_ping"):
+            _ping_when_idle(engine)
     else:
         raise ValueError(f"unsupported database {backend!r}: use sqlite or postgresql")
 
@@ -97,6 +112,30 @@ def make_engine(url: str | URL, **kwargs: Any) -> Engine:
         return None
 
     return engine
+
+
+PING_IDLE_S = 2.0
+"""A pooled PostgreSQL connection idle at least this long is pinged before use."""
+_IDLE_SINCE = "kronscope_idle_since"
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    @event.listens_for(engine, "checkin")
+    def _checkin(dbapi_conn: Any, record: Any) -> None:
+        record.info[_IDLE_SINCE] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checkout(dbapi_conn: Any, record: Any, proxy: Any) -> None:
+        since = record.info.pop(_IDLE_SINCE, None)
+        if since is None or time.monotonic() - since < PING_IDLE_S:
+            return
+        try:
+            dbapi_conn.execute("SELECT 1")
+            if not dbapi_conn.autocommit:
+                dbapi_conn.rollback()  # hand it out with no transaction open
+        except Exception as exc:
+            # The pool discards this connection and checks out (or opens) another.
+            raise sa.exc.DisconnectionError(f"a pooled connection is dead: {exc}") from exc
 
 
 def make_sessionmaker(engine: Engine, *, begin_immediate: bool = False) -> sessionmaker[Session]:

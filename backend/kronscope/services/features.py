@@ -1,34 +1,56 @@
-"""Feature pages assembled from the repositories: latent lists, one latent (with its mAND
-composition), KronSAE parents and head grids. Nothing here loads a model: everything is
-read from the SAE's active harvest and its explanations.
+"""Feature pages: latent lists, one latent (with its mAND composition), KronSAE parents and
+head grids. Nothing here loads a model: everything is read from the SAE's active harvest
+and its explanations.
 
 Every function returns plain dicts in the shape of the API's response models. Floats that
 are not finite (a float16 overflow, an empty mean) become ``None`` or 0 so the JSON is
-always valid. Each page costs a fixed number of queries, whatever F is.
+always valid. Each page costs a fixed number of queries, whatever F is:
+
+- a latent page: the latent's full statistics, its examples with their contexts, and the
+  explanations of the latent, its parents, siblings and neighbours (three queries);
+- a latent list: the best explanations of the page's latents (one query);
+- and, with them, the SAE's row, to check that the one remembered from an earlier page
+  (which the reads were planned from) is still current; if not, the page is planned again.
+
+On PostgreSQL a page's statements go to the server together: one round trip per page.
+
+Everything else comes from what ``harvest_reads`` caches of a finished harvest (every
+unit's summary, the token strings), and the queries run on the driver's connection
+(``db.raw``): on a busy server, building SQLAlchemy rows and pydantic models cost more
+than the database did.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterable, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
 
 import numpy as np
 from sqlalchemy.orm import Session
 
-from ..db.models import Explanation, Harvest, Sae, UnitKind, UnitStats
-from ..db.repositories import explanations as expl_repo
+from ..db.models import Harvest, Sae, UnitKind
+from ..db.raw import RawReader
+from ..db.repositories import pages as pages_repo
 from ..db.repositories import stats as stats_repo
-from ..db.repositories.examples import ExampleView
-from ..db.repositories.stats import UnitBrief
+from ..db.repositories.pages import ExplanationRow, SaeRef, Statement, UnitRow
 from . import harvest_reads
 from .errors import NotFound, Unprocessable
+from .harvest_reads import HarvestKey, KindSummary, SortKey, UnitSummaries
 from .sae_registry import harvest_summary
 
-SORTS = {"index": "index", "density": "frequency", "max_activation": "max_value"}
+SORTS: dict[str, SortKey] = {
+    "index": "index",
+    "density": "frequency",
+    "max_activation": "max_value",
+}
 IntervalMode = Literal["width", "quantile"]
 ParentKind = Literal["base", "extension"]
 _PARENT_KIND = {"base": UnitKind.BASE, "extension": UnitKind.EXTENSION}
+SaeLike = Sae | SaeRef
+F16_MAX = 65504.0
 
 
 # -- small converters ------------------------------------------------------------------------
@@ -44,7 +66,15 @@ def _f0(x: Any) -> float:
     return 0.0 if v is None else v
 
 
-def stats_dict(s: UnitStats | UnitBrief | None) -> dict[str, Any] | None:
+def _count(x: Any) -> int | None:
+    """A nullable count (NaN in the summaries' columns) as int or None."""
+    if x is None:
+        return None
+    x = float(x)
+    return int(x) if math.isfinite(x) else None
+
+
+def _row_stats(s: UnitRow | None) -> dict[str, Any] | None:
     if s is None:
         return None
     return {
@@ -52,24 +82,37 @@ def stats_dict(s: UnitStats | UnitBrief | None) -> dict[str, Any] | None:
         "density": _f0(s.frequency),
         "mean_activation": _f(s.mean_value),
         "max_activation": _f0(s.max_value),
-        "both_parents_active": s.both_parents_active,
-        "kept_count": s.kept_count,
+        "both_parents_active": _count(s.both_parents_active),
+        "kept_count": _count(s.kept_count),
     }
 
 
-def histogram_dict(s: UnitStats | None) -> dict[str, Any] | None:
+def _summary_stats(part: KindSummary | None, row: int) -> dict[str, Any] | None:
+    if part is None or row < 0:
+        return None
+    return {
+        "n_active": int(part.n_active[row]),
+        "density": _f0(part.frequency[row]),
+        "mean_activation": _f(part.mean_value[row]),
+        "max_activation": _f0(part.max_value[row]),
+        "both_parents_active": _count(part.both_parents_active[row]),
+        "kept_count": _count(part.kept_count[row]),
+    }
+
+
+def histogram_dict(s: UnitRow | None) -> dict[str, Any] | None:
     if s is None or s.histogram is None or not s.histogram_edges:
         return None
     from ..db.codec import unpack_i64
 
-    counts = [int(c) for c in unpack_i64(s.histogram)]
+    counts = unpack_i64(s.histogram).tolist()
     edges = [_f0(e) for e in s.histogram_edges]
     if len(edges) != len(counts) + 1:
         return None
     return {"edges": edges, "counts": counts}
 
 
-def explanation_dict(e: Explanation) -> dict[str, Any]:
+def explanation_dict(e: ExplanationRow) -> dict[str, Any]:
     return {
         "id": e.id,
         "text": e.text,
@@ -78,23 +121,6 @@ def explanation_dict(e: Explanation) -> dict[str, Any]:
         "score": _f(e.score),
         "created_at": e.created_at,
         "updated_at": e.updated_at,
-    }
-
-
-def example_dict(e: ExampleView) -> dict[str, Any]:
-    values = np.nan_to_num(
-        np.asarray(e.values, dtype=np.float64), nan=0.0, posinf=65504.0, neginf=-65504.0
-    )
-    return {
-        "rank": e.rank,
-        "context_id": e.context_id,
-        "position": e.position,
-        "tokens": e.tokens,
-        "values": np.round(values, 4).tolist(),
-        "max_value": _f0(e.max_value),
-        "max_pos": e.max_pos,
-        "sample_pos": e.sample_pos,
-        "sample_value": _f(e.sample_value),
     }
 
 
@@ -143,7 +169,7 @@ def sae_dict(session: Session, sae: Sae) -> dict[str, Any]:
 
 
 # -- coordinates -------------------------------------------------------------------------------
-def coordinates(sae: Sae, index: int) -> tuple[int, int, int] | None:
+def coordinates(sae: SaeLike, index: int) -> tuple[int, int, int] | None:
     if not sae.is_kronsae:
         return None
     assert sae.m and sae.n
@@ -152,7 +178,7 @@ def coordinates(sae: Sae, index: int) -> tuple[int, int, int] | None:
     return g, i, j
 
 
-def check_index(sae: Sae, index: int) -> None:
+def check_index(sae: SaeLike, index: int) -> None:
     if not 0 <= index < sae.d_sae:
         raise NotFound(
             f"Latent {index} is out of range: {sae.slug} has latents 0 to {sae.d_sae - 1}.",
@@ -160,44 +186,160 @@ def check_index(sae: Sae, index: int) -> None:
         )
 
 
-def _status(session: Session, sae: Sae) -> str:
-    return harvest_summary(session, sae)[0] if sae.active_harvest_id is None else "complete"
+# -- the SAE and its harvest -------------------------------------------------------------------
+class _Stale(Exception):
+    """The SAE's row changed after a page planned its reads from it."""
+
+    def __init__(self, sae: SaeRef | None) -> None:
+        self.sae = sae
 
 
-def _best_texts(session: Session, sae: Sae, kind: int, indices: Iterable[int]) -> dict[int, str]:
-    found = expl_repo.explanations_for_units(session, sae.id, kind, indices)
-    return {i: items[0].text for i, items in found.items() if items}
+def _no_sae(slug: str) -> NotFound:
+    return NotFound(f"There is no SAE named {slug!r}.", detail={"sae": slug})
 
 
-def _brief(
-    sae: Sae, index: int, s: UnitStats | UnitBrief | None, text: str | None
-) -> dict[str, Any]:
-    coords = coordinates(sae, index)
-    return {
-        "index": index,
-        "head": coords[0] if coords else None,
-        "base": coords[1] if coords else None,
-        "extension": coords[2] if coords else None,
-        "density": _f(s.frequency) if s else None,
-        "max_activation": _f(s.max_value) if s else None,
-        "mean_activation": _f(s.mean_value) if s else None,
-        "n_active": int(s.n_active) if s else None,
-        "explanation": text,
-    }
+@dataclass
+class _Reads:
+    """One page's reads: the SAE (as remembered, checked by ``fetch``), its active
+    harvest's cached data, and the page's statements."""
+
+    reader: RawReader
+    sae: SaeRef
+    checked: bool
+
+    @classmethod
+    def open(cls, session: Session, sae: SaeLike | str) -> _Reads:
+        reader = RawReader.of(session)
+        if isinstance(sae, SaeRef):  # just read from the database
+            return cls(reader, sae, True)
+        slug = sae if isinstance(sae, str) else sae.slug
+        ref = harvest_reads.remembered_sae(reader, slug)
+        if ref is not None:
+            return cls(reader, ref, False)
+        ref = pages_repo.sae_by_slug(reader, slug)
+        if ref is None:
+            raise _no_sae(slug)
+        harvest_reads.remember_sae(reader, slug, ref)
+        return cls(reader, ref, True)
+
+    @property
+    def key(self) -> HarvestKey | None:
+        return harvest_reads.harvest_key(self.reader, self.sae)
+
+    @property
+    def harvest_id(self) -> int | None:
+        return self.sae.active_harvest_id
+
+    def summaries(self) -> UnitSummaries | None:
+        key = self.key
+        return None if key is None else harvest_reads.summaries(self.reader, key)
+
+    def part(self, unit_kind: int) -> KindSummary | None:
+        found = self.summaries()
+        return None if found is None else found.kind(unit_kind)
+
+    def fetch(self, statements: Sequence[Statement]) -> list[list[tuple[Any, ...]]]:
+        """Run the page's statements. Unless the SAE's row was just read, the same round
+        trip reads it again: if it changed (a new harvest, a delete), ``_Stale`` says so
+        and the page is planned again from the new row."""
+        if self.checked:
+            return self.reader.batch(statements)
+        slug = self.sae.slug
+        rows = self.reader.batch([pages_repo.sae_by_slug_statement(slug), *statements])
+        fresh = pages_repo.sae_from_rows(rows[0])
+        if fresh != self.sae:
+            harvest_reads.remember_sae(self.reader, slug, fresh)
+            raise _Stale(fresh)
+        self.checked = True
+        return rows[1:]
+
+    def explanations(
+        self, units: Iterable[tuple[int, int]]
+    ) -> dict[tuple[int, int], list[ExplanationRow]]:
+        rows = self.fetch([pages_repo.explanations_statement(self.sae.id, units)])[0]
+        return pages_repo.explanations_from_rows(rows)
 
 
-def briefs(session: Session, sae: Sae, indices: Sequence[int]) -> list[dict[str, Any]]:
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _current_sae(
+    page: Callable[Concatenate[Session, SaeLike | str, P], R],
+) -> Callable[Concatenate[Session, SaeLike | str, P], R]:
+    """Plan the page again, once, if the SAE's row changed under it (or 404 if it is gone)."""
+
+    @functools.wraps(page)
+    def run(session: Session, sae: SaeLike | str, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return page(session, sae, *args, **kwargs)
+        except _Stale as stale:
+            if stale.sae is None:
+                raise _no_sae(sae if isinstance(sae, str) else sae.slug) from None
+            return page(session, stale.sae, *args, **kwargs)
+
+    return run
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _briefs(
+    sae: SaeRef, part: KindSummary | None, indices: Sequence[int], best: dict[int, str]
+) -> list[dict[str, Any]]:
+    """Latent summaries of ``indices`` (read from the cached columns a list at a time)."""
+    have: list[bool] = [False] * len(indices)
+    density = top = mean = n_active = [0] * len(indices)
+    if part is not None and len(indices):
+        rows = part.rows(indices)
+        have = (rows >= 0).tolist()
+        at = np.maximum(rows, 0)
+        density = part.frequency[at].tolist()
+        top = part.max_value[at].tolist()
+        mean = part.mean_value[at].tolist()
+        n_active = part.n_active[at].tolist()
+    out = []
+    mn, n = (sae.m * sae.n, sae.n) if sae.m and sae.n and sae.is_kronsae else (0, 1)
+    for k, i in enumerate(indices):
+        ok = have[k]
+        out.append(
+            {
+                "index": i,
+                "head": i // mn if mn else None,
+                "base": i % mn // n if mn else None,
+                "extension": i % n if mn else None,
+                "density": _finite(density[k]) if ok else None,
+                "max_activation": _finite(top[k]) if ok else None,
+                "mean_activation": _finite(mean[k]) if ok else None,
+                "n_active": n_active[k] if ok else None,
+                "explanation": best.get(i),
+            }
+        )
+    return out
+
+
+def _best_texts(
+    explanations: dict[tuple[int, int], list[ExplanationRow]], unit_kind: int
+) -> dict[int, str]:
+    return {i: items[0].text for (k, i), items in explanations.items() if k == unit_kind and items}
+
+
+@_current_sae
+def briefs(session: Session, sae: SaeLike | str, indices: Sequence[int]) -> list[dict[str, Any]]:
     """Latent summaries for a set of indices (stats and best explanation), in that order."""
-    kind = int(UnitKind.LATENT)
-    stats = stats_repo.unit_briefs(session, sae, ((kind, i) for i in indices))
-    texts = _best_texts(session, sae, kind, indices)
-    return [_brief(sae, i, stats.get((kind, i)), texts.get(i)) for i in indices]
+    reads = _Reads.open(session, sae)
+    indices = [int(i) for i in indices]
+    latent = int(UnitKind.LATENT)
+    best = _best_texts(reads.explanations((latent, i) for i in indices), latent)
+    return _briefs(reads.sae, reads.part(latent), indices, best)
 
 
 # -- latent list -------------------------------------------------------------------------------
+@_current_sae
 def list_latents(
     session: Session,
-    sae: Sae,
+    sae: SaeLike | str,
     *,
     sort: str = "index",
     order: str | None = None,
@@ -209,53 +351,119 @@ def list_latents(
     limit: int = 50,
     offset: int = 0,
 ) -> dict[str, Any]:
+    reads = _Reads.open(session, sae)
+    ref = reads.sae
     if head is not None:
-        if not sae.is_kronsae:
-            raise Unprocessable(f"{sae.slug} is not a KronSAE, so it has no heads to filter by.")
-        assert sae.h
-        if not 0 <= head < sae.h:
-            raise NotFound(f"Head {head} is out of range: {sae.slug} has heads 0 to {sae.h - 1}.")
+        if not ref.is_kronsae:
+            raise Unprocessable(f"{ref.slug} is not a KronSAE, so it has no heads to filter by.")
+        assert ref.h
+        if not 0 <= head < ref.h:
+            raise NotFound(f"Head {head} is out of range: {ref.slug} has heads 0 to {ref.h - 1}.")
     descending = (order or ("asc" if sort == "index" else "desc")) == "desc"
-    total = None
-    if sae.active_harvest_id is not None and has_explanation is None and not (q and q.strip()):
-        # The count does not change for a finished harvest: cached, not redone per page.
-        total = harvest_reads.list_total(
+    part = reads.part(UnitKind.LATENT)
+    if part is None:
+        reads.fetch([])  # the SAE may have been harvested since it was remembered
+        return {"items": [], "total": 0, "limit": limit, "offset": offset,
+                "harvest_status": ref.harvest_status}  # fmt: skip
+    if has_explanation is not None or (q is not None and q.strip()):
+        # Filters on explanations (which change) go to the database's indexes.
+        reads.fetch([])
+        orm_sae = session.get(Sae, ref.id)
+        if orm_sae is None:
+            raise _no_sae(ref.slug)
+        page = stats_repo.list_units(
             session,
-            sae.active_harvest_id,
-            ("latent", min_density, max_density, head),
-            lambda: stats_repo.count_units(
-                session, sae, min_frequency=min_density, max_frequency=max_density, head=head
-            ),
+            orm_sae,
+            sort=SORTS[sort],
+            descending=descending,
+            min_frequency=min_density,
+            max_frequency=max_density,
+            head=head,
+            has_explanation=has_explanation,
+            q=q,
+            limit=limit,
+            offset=offset,
         )
-    page = stats_repo.list_units(
-        session,
-        sae,
-        sort=SORTS[sort],  # type: ignore[arg-type]
-        descending=descending,
-        min_frequency=min_density,
-        max_frequency=max_density,
-        head=head,
-        has_explanation=has_explanation,
-        q=q,
-        limit=limit,
-        offset=offset,
-        total=total,
-    )
-    texts = _best_texts(session, sae, UnitKind.LATENT, [s.unit_index for s in page.items])
+        indices = [int(s.unit_index) for s in page.items]
+        total = page.total
+    else:
+        index_range = None
+        if head is not None:
+            assert ref.m and ref.n
+            size = ref.m * ref.n
+            index_range = range(head * size, (head + 1) * size)
+        rows = part.select(
+            SORTS[sort],
+            descending,
+            min_frequency=min_density,
+            max_frequency=max_density,
+            index_range=index_range,
+        )
+        total = len(rows)
+        indices = part.index[rows[offset : offset + limit]].tolist()
+    latent = int(UnitKind.LATENT)
+    best = _best_texts(reads.explanations((latent, i) for i in indices), latent)
     return {
-        "items": [_brief(sae, s.unit_index, s, texts.get(s.unit_index)) for s in page.items],
-        "total": page.total,
+        "items": _briefs(ref, part, indices, best),
+        "total": total,
         "limit": limit,
         "offset": offset,
-        "harvest_status": _status(session, sae),
+        "harvest_status": ref.harvest_status,
     }
 
 
-# -- examples by interval ------------------------------------------------------------------------
+# -- examples ------------------------------------------------------------------------------------
+def _example_dicts(
+    reads: _Reads, rows: Sequence[tuple[Any, ...]]
+) -> list[tuple[float | None, dict[str, Any]]]:
+    """``pages.examples_statement`` rows -> (sampled value, example dict), values decoded
+    and rounded for the whole set at once."""
+    key = reads.key
+    if not rows or key is None:
+        return []
+    vocab = harvest_reads.vocabulary(reads.reader, key)
+    blobs = [bytes(r[6]) for r in rows]
+    if len({len(b) for b in blobs}) == 1:
+        matrix = np.frombuffer(b"".join(blobs), dtype="<f2").reshape(len(blobs), -1)
+        values: list[list[float]] = _clean(matrix).tolist()
+    else:
+        values = [_clean(np.frombuffer(b, dtype="<f2")).tolist() for b in blobs]
+    out = []
+    for r, v in zip(rows, values, strict=True):
+        sample_value = _f(r[5])
+        out.append(
+            (
+                sample_value,
+                {
+                    "rank": r[1],
+                    "context_id": r[7],
+                    "position": r[8],
+                    "tokens": list(harvest_reads.context_tokens(key, r[7], bytes(r[9]), vocab)),
+                    "values": v,
+                    "max_value": _f0(r[2]),
+                    "max_pos": r[3],
+                    "sample_pos": r[4],
+                    "sample_value": sample_value,
+                },
+            )
+        )
+    return out
+
+
+def _clean(values: np.ndarray) -> np.ndarray:
+    """float16 values as float64 for JSON: non-finite ones clipped or zeroed, 4 decimals."""
+    out = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=F16_MAX, neginf=-F16_MAX)
+    return np.round(out, 4)
+
+
 def _intervals(
-    samples: list[ExampleView], max_value: float, n: int, mode: IntervalMode, per_interval: int
+    samples: list[tuple[float | None, dict[str, Any]]],
+    max_value: float,
+    n: int,
+    mode: IntervalMode,
+    per_interval: int,
 ) -> list[dict[str, Any]]:
-    values = np.array([s.sample_value or 0.0 for s in samples], dtype=np.float64)
+    values = np.array([v or 0.0 for v, _ in samples], dtype=np.float64)
     values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
     top = max(_f0(max_value), float(values.max()) if values.size else 0.0)
     if mode == "quantile" and values.size:
@@ -270,76 +478,101 @@ def _intervals(
         last = k == n - 1
         mask = (values >= lo) & ((values <= hi) if last else (values < hi))
         chosen = [samples[i] for i in np.flatnonzero(mask)]
-        chosen.sort(key=lambda s: -(s.sample_value or 0.0))
+        chosen.sort(key=lambda s: -(s[0] or 0.0))
         groups.append(
             {
                 "index": k,
                 "low": round(lo, 6),
                 "high": round(hi, 6),
-                "examples": [example_dict(s) for s in chosen[:per_interval]],
+                "examples": [d for _, d in chosen[:per_interval]],
             }
         )
     return groups
 
 
-def _unit_examples(
-    session: Session,
-    sae: Sae,
-    kind: int,
-    index: int,
-    *,
-    stats: UnitStats | None,
-    explanations: list[Explanation],
-    top_k: int,
-    intervals: int,
-    mode: IntervalMode,
-    per_interval: int,
-) -> dict[str, Any]:
-    top, samples = harvest_reads.unit_examples(
-        session, sae, kind, index, top_limit=top_k, samples=intervals > 0
-    )
-    return {
-        "harvest_status": _status(session, sae),
-        "harvest_id": sae.active_harvest_id,
-        "stats": stats_dict(stats),
-        "histogram": histogram_dict(stats),
-        "explanations": [explanation_dict(e) for e in explanations],
-        "top_examples": [example_dict(e) for e in top],
-        "sampled_examples": (
-            _intervals(samples, stats.max_value if stats else 0.0, intervals, mode, per_interval)
-            if samples
-            else []
-        ),
-        "interval_mode": mode,
-    }
+@dataclass
+class _UnitPage:
+    """What a latent or parent page reads of its own unit, planned as statements."""
+
+    kind: int
+    index: int
+    top_k: int
+    intervals: int
+
+    def statements(self, reads: _Reads) -> list[Statement]:
+        hid = reads.harvest_id
+        if hid is None:
+            return []
+        kinds = ([0] if self.top_k != 0 else []) + ([1] if self.intervals > 0 else [])
+        out = [pages_repo.unit_statement(hid, self.kind, self.index)]
+        if kinds:
+            out.append(pages_repo.examples_statement(hid, self.kind, self.index, kinds))
+        return out
+
+    def build(
+        self,
+        reads: _Reads,
+        rows: list[list[tuple[Any, ...]]],
+        explanations: list[ExplanationRow],
+        mode: IntervalMode,
+        per_interval: int,
+    ) -> tuple[UnitRow | None, dict[str, Any]]:
+        stats = pages_repo.unit_from_rows(rows[0]) if rows else None
+        top: list[dict[str, Any]] = []
+        samples: list[tuple[float | None, dict[str, Any]]] = []
+        if len(rows) > 1:
+            top_rows = [r for r in rows[1] if r[0] == 0][: self.top_k]
+            sample_rows = [r for r in rows[1] if r[0] == 1]
+            decoded = _example_dicts(reads, top_rows + sample_rows)
+            top = [d for _, d in decoded[: len(top_rows)]]
+            samples = decoded[len(top_rows) :]
+        page = {
+            "harvest_status": reads.sae.harvest_status,
+            "harvest_id": reads.harvest_id,
+            "stats": _row_stats(stats),
+            "histogram": histogram_dict(stats),
+            "explanations": [explanation_dict(e) for e in explanations],
+            "top_examples": top,
+            "sampled_examples": (
+                _intervals(
+                    samples, stats.max_value if stats else 0.0, self.intervals, mode, per_interval
+                )
+                if samples
+                else []
+            ),
+            "interval_mode": mode,
+        }
+        return stats, page
 
 
 # -- one latent ----------------------------------------------------------------------------------
-def _parent_key(sae: Sae, kind: ParentKind, head: int, within: int) -> tuple[int, int]:
+def _parent_key(sae: SaeLike, kind: ParentKind, head: int, within: int) -> tuple[int, int]:
     assert sae.m and sae.n
     size = sae.m if kind == "base" else sae.n
     return int(_PARENT_KIND[kind]), head * size + within
 
 
 def _parent_brief(
+    reads: _Reads,
     kind: ParentKind,
     head: int,
     within: int,
     key: tuple[int, int],
-    stats: dict[tuple[int, int], UnitBrief],
-    explanations: dict[tuple[int, int], list[Explanation]],
+    explanations: dict[tuple[int, int], list[ExplanationRow]],
 ) -> dict[str, Any]:
+    part = reads.part(key[0])
+    row = int(part.rows([key[1]])[0]) if part is not None else -1
     return {
         "kind": kind,
         "head": head,
         "index": within,
         "flat_index": key[1],
-        "stats": stats_dict(stats.get(key)),
+        "stats": _summary_stats(part, row),
         "explanations": [explanation_dict(e) for e in explanations.get(key, [])],
     }
 
 
-def _siblings(sae: Sae, index: int) -> tuple[list[int], list[int]]:
+def _siblings(sae: SaeLike, index: int) -> tuple[list[int], list[int]]:
     coords = coordinates(sae, index)
     if coords is None:
         return [], []
@@ -351,7 +584,7 @@ def _siblings(sae: Sae, index: int) -> tuple[list[int], list[int]]:
     return row, col
 
 
-def _neighbour_pairs(sae: Sae, s: UnitStats | None) -> list[tuple[int, float]]:
+def _neighbour_pairs(sae: SaeLike, s: UnitRow | None) -> list[tuple[int, float]]:
     if s is None or not s.neighbours:
         return []
     out = []
@@ -366,7 +599,7 @@ def _neighbour_pairs(sae: Sae, s: UnitStats | None) -> list[tuple[int, float]]:
     return out
 
 
-def _logit_effects(s: UnitStats | None) -> dict[str, Any] | None:
+def _logit_effects(s: UnitRow | None) -> dict[str, Any] | None:
     if s is None or not isinstance(s.logit_effects, dict):
         return None
 
@@ -383,9 +616,10 @@ def _logit_effects(s: UnitStats | None) -> dict[str, Any] | None:
     }
 
 
+@_current_sae
 def latent_detail(
     session: Session,
-    sae: Sae,
+    sae: SaeLike | str,
     index: int,
     *,
     top_k: int = 20,
@@ -393,43 +627,37 @@ def latent_detail(
     mode: IntervalMode = "width",
     per_interval: int = 5,
 ) -> dict[str, Any]:
-    """One latent's page in a fixed number of queries, whatever F is: the latent's own
-    statistics; the summaries of its siblings, parents and neighbours together; the
-    explanations of all of them together; its examples (and the cached vocabulary)."""
-    check_index(sae, index)
+    """One latent's page: its statistics, histogram, examples, logit effects, neighbours and
+    (KronSAE) its composition: both parents and its row and column siblings, each with
+    their explanations and densities. Every unit shown is known before the reads (the
+    neighbours from the cached summaries), so they go to the database in one round trip."""
+    reads = _Reads.open(session, sae)
+    ref = reads.sae
+    check_index(ref, index)
     latent = int(UnitKind.LATENT)
-    row, col = _siblings(sae, index)
-    own = stats_repo.get_unit_stats(session, sae, latent, index)
-    neighbours = _neighbour_pairs(sae, own)
-    coords = coordinates(sae, index)
+    summaries = reads.summaries()
+    row, col = _siblings(ref, index)
+    coords = coordinates(ref, index)
     parents: dict[ParentKind, tuple[int, int]] = {}
     if coords is not None:
         g, i, j = coords
         parents = {
-            "base": _parent_key(sae, "base", g, i),
-            "extension": _parent_key(sae, "extension", g, j),
+            "base": _parent_key(ref, "base", g, i),
+            "extension": _parent_key(ref, "extension", g, j),
         }
-    units = [(latent, x) for x in {index, *row, *col, *(x for x, _ in neighbours)}]
-    units += parents.values()
-    stats = stats_repo.unit_briefs(session, sae, units)
-    expl = expl_repo.explanations_for_keys(session, sae.id, units)
-    best = {i: items[0].text for (k, i), items in expl.items() if k == latent and items}
-
-    def brief(x: int) -> dict[str, Any]:
-        return _brief(sae, x, stats.get((latent, x)), best.get(x))
-
-    out = _unit_examples(
-        session,
-        sae,
-        latent,
-        index,
-        stats=own,
-        explanations=expl.get((latent, index), []),
-        top_k=top_k,
-        intervals=intervals,
-        mode=mode,
-        per_interval=per_interval,
-    )
+    known = {index, *row, *col, *(summaries.neighbours_of(index) if summaries else ())}
+    units = [*((latent, x) for x in known), *parents.values()]
+    unit = _UnitPage(latent, index, top_k, intervals)
+    mine = unit.statements(reads)
+    rows = reads.fetch([*mine, pages_repo.explanations_statement(ref.id, units)])
+    expl = pages_repo.explanations_from_rows(rows[-1])
+    own, out = unit.build(reads, rows[:-1], expl.get((latent, index), []), mode, per_interval)
+    neighbours = _neighbour_pairs(ref, own)
+    missing = {x for x, _ in neighbours} - known
+    if missing:  # the cached neighbours did not list them all (not for a finished harvest)
+        expl.update(reads.explanations((latent, x) for x in missing))
+    best = _best_texts(expl, latent)
+    part = reads.part(latent)
     comp = None
     if coords is not None:
         g, i, j = coords
@@ -437,32 +665,34 @@ def latent_detail(
             "head": g,
             "base": i,
             "extension": j,
-            "base_parent": _parent_brief("base", g, i, parents["base"], stats, expl),
-            "extension_parent": _parent_brief("extension", g, j, parents["extension"], stats, expl),
-            "row_siblings": [brief(x) for x in row],
-            "column_siblings": [brief(x) for x in col],
+            "base_parent": _parent_brief(reads, "base", g, i, parents["base"], expl),
+            "extension_parent": _parent_brief(reads, "extension", g, j, parents["extension"], expl),
+            "row_siblings": _briefs(ref, part, row, best),
+            "column_siblings": _briefs(ref, part, col, best),
         }
+    near = [x for x, _ in neighbours]
+    near_rows = part.rows(near).tolist() if part is not None and near else [-1] * len(near)
     out.update(
-        sae=sae.slug,
+        sae=ref.slug,
         index=index,
-        architecture=sae.architecture,
+        architecture=ref.architecture,
         composition=comp,
         logit_effects=_logit_effects(own),
         neighbours=[
             {
                 "index": x,
                 "cosine": c,
-                "density": _f(stats[(latent, x)].frequency) if (latent, x) in stats else None,
+                "density": _f(part.frequency[r]) if part is not None and r >= 0 else None,
                 "explanation": best.get(x),
             }
-            for x, c in neighbours
+            for (x, c), r in zip(neighbours, near_rows, strict=True)
         ],
     )
     return out
 
 
 # -- parents and heads -------------------------------------------------------------------------
-def _require_kronsae(sae: Sae) -> tuple[int, int, int]:
+def _require_kronsae(sae: SaeLike) -> tuple[int, int, int]:
     if not sae.is_kronsae:
         raise NotFound(
             f"{sae.slug} is a {sae.architecture} SAE: only KronSAEs have parents and heads.",
@@ -472,15 +702,16 @@ def _require_kronsae(sae: Sae) -> tuple[int, int, int]:
     return sae.h, sae.m, sae.n
 
 
-def _check_head(sae: Sae, head: int) -> None:
+def _check_head(sae: SaeLike, head: int) -> None:
     h, _, _ = _require_kronsae(sae)
     if not 0 <= head < h:
         raise NotFound(f"Head {head} is out of range: {sae.slug} has heads 0 to {h - 1}.")
 
 
+@_current_sae
 def parent_detail(
     session: Session,
-    sae: Sae,
+    sae: SaeLike | str,
     kind: ParentKind,
     head: int,
     index: int,
@@ -490,8 +721,10 @@ def parent_detail(
     mode: IntervalMode = "width",
     per_interval: int = 5,
 ) -> dict[str, Any]:
-    _check_head(sae, head)
-    _, m, n = _require_kronsae(sae)
+    reads = _Reads.open(session, sae)
+    ref = reads.sae
+    _check_head(ref, head)
+    _, m, n = _require_kronsae(ref)
     size = m if kind == "base" else n
     if not 0 <= index < size:
         axis = "base parents" if kind == "base" else "extension parents"
@@ -499,72 +732,66 @@ def parent_detail(
             f"{kind.capitalize()} parent {index} is out of range: each head has {axis} 0 to {size - 1}."
         )
     flat = head * size + index
-    unit = _PARENT_KIND[kind]
-    out = _unit_examples(
-        session,
-        sae,
-        unit,
-        flat,
-        stats=stats_repo.get_unit_stats(session, sae, unit, flat),
-        explanations=expl_repo.explanations_for_units(session, sae.id, unit, [flat]).get(flat, []),
-        top_k=top_k,
-        intervals=intervals,
-        mode=mode,
-        per_interval=per_interval,
-    )
+    unit_kind = int(_PARENT_KIND[kind])
     if kind == "base":
         children = [head * m * n + index * n + j for j in range(n)]
     else:
         children = [head * m * n + i * n + index for i in range(m)]
+    latent = int(UnitKind.LATENT)
+    unit = _UnitPage(unit_kind, flat, top_k, intervals)
+    units = [(unit_kind, flat), *((latent, c) for c in children)]
+    rows = reads.fetch([*unit.statements(reads), pages_repo.explanations_statement(ref.id, units)])
+    expl = pages_repo.explanations_from_rows(rows[-1])
+    _, out = unit.build(reads, rows[:-1], expl.get((unit_kind, flat), []), mode, per_interval)
     out.update(
-        sae=sae.slug,
+        sae=ref.slug,
         kind=kind,
         head=head,
         index=index,
         flat_index=flat,
-        children=briefs(session, sae, children),
+        children=_briefs(ref, reads.part(latent), children, _best_texts(expl, latent)),
     )
     return out
 
 
-def head_grid(session: Session, sae: Sae, head: int) -> dict[str, Any]:
-    _check_head(sae, head)
-    _, m, n = _require_kronsae(sae)
+@_current_sae
+def head_grid(session: Session, sae: SaeLike | str, head: int) -> dict[str, Any]:
+    reads = _Reads.open(session, sae)
+    ref = reads.sae
+    _check_head(ref, head)
+    _, m, n = _require_kronsae(ref)
     first = head * m * n
     indices = list(range(first, first + m * n))
-    stats = {s.unit_index: s for s in stats_repo.head_grid(session, sae, head)}
-    texts = _best_texts(session, sae, UnitKind.LATENT, indices)
-    cells = [
-        [
-            _brief(
-                sae, first + i * n + j, stats.get(first + i * n + j), texts.get(first + i * n + j)
-            )
-            for j in range(n)
-        ]
-        for i in range(m)
-    ]
+    axes = {int(UnitKind.BASE): [head * m + x for x in range(m)],
+            int(UnitKind.EXTENSION): [head * n + x for x in range(n)]}  # fmt: skip
+    latent = int(UnitKind.LATENT)
+    expl = reads.explanations(
+        [*((latent, i) for i in indices), *((k, f) for k, flat in axes.items() for f in flat)]
+    )
+    cells = _briefs(ref, reads.part(latent), indices, _best_texts(expl, latent))
 
-    def axis(unit: UnitKind, size: int) -> list[dict[str, Any]]:
-        flat = [head * size + x for x in range(size)]
-        st = stats_repo.unit_briefs(session, sae, ((unit, f) for f in flat))
-        labels = _best_texts(session, sae, unit, flat)
+    def axis(unit: int) -> list[dict[str, Any]]:
+        part = reads.part(unit)
+        flat = axes[unit]
+        rows = part.rows(flat).tolist() if part is not None else [-1] * len(flat)
+        labels = _best_texts(expl, unit)
         return [
             {
                 "index": x,
                 "flat_index": f,
                 "label": labels.get(f),
-                "density": _f(st[(unit, f)].frequency) if (unit, f) in st else None,
+                "density": _f(part.frequency[r]) if part is not None and r >= 0 else None,
             }
-            for x, f in enumerate(flat)
+            for x, (f, r) in enumerate(zip(flat, rows, strict=True))
         ]
 
     return {
-        "sae": sae.slug,
+        "sae": ref.slug,
         "head": head,
         "m": m,
         "n": n,
-        "harvest_status": _status(session, sae),
-        "rows": axis(UnitKind.BASE, m),
-        "columns": axis(UnitKind.EXTENSION, n),
-        "cells": cells,
+        "harvest_status": ref.harvest_status,
+        "rows": axis(int(UnitKind.BASE)),
+        "columns": axis(int(UnitKind.EXTENSION)),
+        "cells": [cells[i * n : (i + 1) * n] for i in range(m)],
     }

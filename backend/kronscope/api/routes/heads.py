@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from fastapi import Request, Response
 
 from ...services import features
-from ..deps import ReaderDep, SAEDep, SessionDep
+from ..deps import SaeSlug, read_json
 from ..schemas import HeadGrid
 from ._common import make_router
 
@@ -13,7 +13,10 @@ router = make_router("heads")
 
 
 @router.get("/saes/{sae}/heads/{head}", response_model=HeadGrid, summary="A head's m x n grid")
-def get_head(sae: SAEDep, head: int, session: SessionDep, _: ReaderDep) -> dict[str, Any]:
+async def get_head(request: Request, sae: SaeSlug, head: int) -> Response:
     """Each latent's density, maximum and explanation; rows labelled by the base parents'
     explanations, columns by the extension parents'."""
-    return features.head_grid(session, sae, head)
+    return await read_json(
+        request,
+        lambda session: features.head_grid(session, sae, head),
+    )

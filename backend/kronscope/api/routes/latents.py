@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from fastapi import Query
+from fastapi import Query, Request, Response
 
 from ...services import features
-from ..deps import ReaderDep, SAEDep, SessionDep
+from ..deps import SaeSlug, read_json
 from ..schemas import LatentDetail, LatentPage
 from ._common import make_router
 
@@ -17,10 +17,9 @@ Density = Annotated[float | None, Query(ge=0, le=1, allow_inf_nan=False)]
 
 
 @router.get("/saes/{sae}/latents", response_model=LatentPage, summary="Browse latents")
-def list_latents(
-    sae: SAEDep,
-    session: SessionDep,
-    _: ReaderDep,
+async def list_latents(
+    request: Request,
+    sae: SaeSlug,
     sort: Literal["index", "density", "max_activation"] = "index",
     order: Annotated[
         Literal["asc", "desc"] | None,
@@ -35,30 +34,32 @@ def list_latents(
     ] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
-) -> dict[str, Any]:
+) -> Response:
     """Latents of the active harvest with their density, maximum and best explanation.
     Empty (``harvest_status`` says why) until a harvest completes."""
-    return features.list_latents(
-        session,
-        sae,
-        sort=sort,
-        order=order,
-        min_density=min_density,
-        max_density=max_density,
-        head=head,
-        has_explanation=has_explanation,
-        q=q,
-        limit=limit,
-        offset=offset,
+    return await read_json(
+        request,
+        lambda session: features.list_latents(
+            session,
+            sae,
+            sort=sort,
+            order=order,
+            min_density=min_density,
+            max_density=max_density,
+            head=head,
+            has_explanation=has_explanation,
+            q=q,
+            limit=limit,
+            offset=offset,
+        ),
     )
 
 
 @router.get("/saes/{sae}/latents/{index}", response_model=LatentDetail, summary="One latent")
-def get_latent(
-    sae: SAEDep,
+async def get_latent(
+    request: Request,
+    sae: SaeSlug,
     index: int,
-    session: SessionDep,
-    _: ReaderDep,
     top_k: Annotated[int, Query(ge=0, le=100, description="Top examples to return.")] = 20,
     intervals: Annotated[
         int, Query(ge=0, le=20, description="Activation intervals of sampled examples.")
@@ -67,9 +68,18 @@ def get_latent(
         Literal["width", "quantile"], Query(description="Equal-width or equal-count intervals.")
     ] = "width",
     per_interval: Annotated[int, Query(ge=1, le=50)] = 5,
-) -> dict[str, Any]:
+) -> Response:
     """Stats, histogram, explanations, composition (KronSAE), top examples, sampled examples
     by activation interval, logit effects and neighbours."""
-    return features.latent_detail(
-        session, sae, index, top_k=top_k, intervals=intervals, mode=mode, per_interval=per_interval
+    return await read_json(
+        request,
+        lambda session: features.latent_detail(
+            session,
+            sae,
+            index,
+            top_k=top_k,
+            intervals=intervals,
+            mode=mode,
+            per_interval=per_interval,
+        ),
     )
