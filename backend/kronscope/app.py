@@ -16,6 +16,7 @@ import importlib.util
 import logging
 import threading
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 import anyio
 from fastapi import FastAPI
@@ -109,6 +110,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # as the pool keeps open, so that no request opens and closes an overflow connection
         # of its own; the overflow is left to the job runner and streamed exports.
         app.state.db_slots = anyio.Semaphore(max(1, min(pool, pool_capacity(engine) - 3, 64)))
+        app.state.page_executor = ThreadPoolExecutor(
+            settings.page_threads, thread_name_prefix="kronscope-pages"
+        )
         app.state.migrated = False
         app.state.migrate_lock = threading.Lock()
         app.state.job_runner = None
@@ -125,6 +129,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             inference = getattr(app.state, "inference_engine", None)
             if inference is not None:
                 await run_in_threadpool(inference.close)
+            app.state.page_executor.shutdown(wait=True)
             engine.dispose()
 
     app = FastAPI(

@@ -39,6 +39,11 @@ class Settings(BaseSettings):
     """Database connections the web process keeps open. Requests use at most this many at
     once (more wait their turn); as many again may open for jobs and exports."""
 
+    page_threads: int = Field(default=2, ge=1, le=64)
+    """Threads that read and serialise feature pages. The work is mostly Python, so threads
+    beyond the cores only take turns holding the interpreter (and each turn costs): a few
+    threads serve a page load faster than many."""
+
     # -- API and jobs ------------------------------------------------------------------
     require_key_for_reads: bool = False
     """Reads are public by default; set true to require an API key (any scope) for them."""

@@ -9,7 +9,7 @@
   while the requests holding connections wait for a thread to commit (that deadlock held
   every connection until the pool's 30 s timeout under 64 clients).
 - ``SAEDep``: the ``{sae}`` path parameter resolved to its row (404 in plain words).
-- ``read_json``: the feature pages' path: one trip to the thread pool that opens the
+- ``read_json``: the feature pages' path: one trip to a page thread that opens the
   session, checks read access, reads and serialises the page (orjson), for the reads a
   dashboard makes most (see ``services.features``).
 - ``ReaderDep``: reads are public unless ``require_key_for_reads``; then any live key.
@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
@@ -166,7 +167,7 @@ def dumps(body: Any) -> bytes:
 
 async def read_json(request: Request, read: Callable[[Session], Any]) -> Response:
     """Serve a read-only page: ``read(session)`` and its serialisation run in one trip to
-    the thread pool, under a database slot (see ``get_session``), and the bytes go out as
+    a page thread, under a database slot (see ``get_session``), and the bytes go out as
     they are. The route's ``response_model`` documents the shape; tests check the pages
     against it (validating each response again here cost more than the reads)."""
     state = request.app.state
@@ -192,5 +193,7 @@ async def read_json(request: Request, read: Callable[[Session], Any]) -> Respons
 
     async with state.db_slots:
         with anyio.CancelScope(shield=True):  # the session is closed whatever the client does
-            content = await run_in_threadpool(run)
+            # On the pages' own few threads (``Settings.page_threads``), not the shared pool.
+            loop = asyncio.get_running_loop()
+            content = await loop.run_in_executor(state.page_executor, run)
     return Response(content, media_type="application/json")
