@@ -8,7 +8,9 @@ What it does (loopback only, bounded in time):
 3. fills its pages: by default a real harvest of the packaged ``minilm-l6`` model over a
    small slice of the built-in corpus (``--tokens``); with ``--synthetic`` (or when the
    harvest engine is unavailable) random statistics and examples of the same shape are
-   written through the repositories instead. The output says which;
+   written through the repositories instead. The output says which. ``--explained`` then
+   gives every latent and parent an explanation (as ``make demo`` does), so pages carry
+   the texts of a latent's parents, siblings and neighbours;
 4. starts ``kronscope serve`` as a subprocess on 127.0.0.1 and waits until it is ready;
 5. runs ``--clients`` concurrent clients (httpx, async) for ``--duration`` seconds, each
    requesting latent pages in a loop: one latent (random index, default options) and the
@@ -16,7 +18,7 @@ What it does (loopback only, bounded in time):
 6. prints p50 / p90 / p99 / max latency per page kind and overall, requests per second
    and the error count. Goal: p99 < 50 ms, zero errors.
 
-Usage: python benchmarks/api_load.py [--pg-url URL] [--duration 20] [--clients 16]
+Usage: python benchmarks/api_load.py [--pg-url URL] [--duration 20] [--clients 16] [--explained]
 """
 
 from __future__ import annotations
@@ -124,6 +126,32 @@ def real_harvest(settings: Any, slug: str, tokens: int, ctx_len: int) -> str:
         f"real harvest of {MODEL} ({HOOK}) over {tokens:,} tokens of the built-in corpus, "
         f"ctx_len {ctx_len}, in {seconds:.0f} s"
     )
+
+
+def explain_everything(settings: Any, slug: str) -> str:
+    """One explanation on every latent and parent, as ``make demo``'s heuristic explainer
+    leaves (pages then carry a latent's, its parents', siblings' and neighbours' texts)."""
+    import sqlalchemy as sa
+
+    from kronscope.db import make_engine
+
+    engine = make_engine(settings.resolved_database_url)
+    units = [(0, F), (1, H * M), (2, H * N)]
+    with engine.begin() as conn:
+        sae_id = conn.execute(sa.text("SELECT id FROM sae WHERE slug = :s"), {"s": slug}).scalar()
+        for kind, count in units:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO explanation (sae_id, unit_kind, unit_index, text, source, "
+                    "author, score, created_at, updated_at) "
+                    "SELECT :sae, :kind, i, 'fires on tokens like ' || i || ' and nearby words', "
+                    "'heuristic', 'bench', 0.5, now(), now() FROM generate_series(0, :last) AS i"
+                ),
+                {"sae": sae_id, "kind": kind, "last": count - 1},
+            )
+    analyze(engine)
+    engine.dispose()
+    return f"; one explanation on each of the {F + H * (M + N):,} latents and parents"
 
 
 def analyze(engine: Any) -> None:
@@ -351,6 +379,11 @@ def main() -> int:
         "--synthetic", action="store_true", help="Write random pages instead of harvesting."
     )
     ap.add_argument("--tokens", type=int, default=16_384, help="Tokens of a real harvest.")
+    ap.add_argument(
+        "--explained",
+        action="store_true",
+        help="Give every latent and parent an explanation first (as make demo does).",
+    )
     ap.add_argument("--ctx-len", type=int, default=64)
     ap.add_argument("--keep", action="store_true", help="Keep the database and data dir.")
     args = ap.parse_args()
@@ -378,6 +411,8 @@ def main() -> int:
                     print(f"real harvest unavailable ({exc}); writing synthetic pages instead")
             if pages is None:
                 pages = synthetic_harvest(settings, slug, args.ctx_len, examples=20, samples=20)
+            if args.explained:
+                pages += explain_everything(settings, slug)
             print(f"pages: {pages}; set-up {time.perf_counter() - t0:.0f} s")
 
             env = {
