@@ -42,7 +42,8 @@ class Settings(BaseSettings):
     page_threads: int = Field(default=2, ge=1, le=64)
     """Threads that read and serialise feature pages. The work is mostly Python, so threads
     beyond the cores only take turns holding the interpreter (and each turn costs): a few
-    threads serve a page load faster than many."""
+    threads serve a page load faster than many. Unset, ``kronscope serve --workers N`` gives
+    each worker cores / N of them (at most 2)."""
 
     # -- API and jobs ------------------------------------------------------------------
     require_key_for_reads: bool = False

@@ -49,3 +49,49 @@ def test_worker_once_runs_queued_jobs(
     with db_factory() as s:
         done = job_repo.get_job(s, job.id)
         assert done is not None and done.status == "complete" and done.message == "ok"
+
+
+@pytest.mark.parametrize(
+    ("workers", "cores", "preset", "expected"),
+    [(2, 2, None, "1"), (2, 8, None, "2"), (4, 2, None, "1"), (2, 2, "3", "3"), (1, 2, None, None)],
+)
+def test_serve_shares_the_cores_among_workers(
+    monkeypatch: pytest.MonkeyPatch,
+    workers: int,
+    cores: int,
+    preset: str | None,
+    expected: str | None,
+) -> None:
+    """Several workers each get cores / N page threads (at most the default), unless the
+    setting was given; one worker keeps the setting as it is."""
+    import os
+
+    import uvicorn
+
+    seen: dict[str, Any] = {}
+
+    def fake_run(*args: Any, **kwargs: Any) -> None:
+        seen.update(kwargs, threads=os.environ.get("KRONSCOPE_PAGE_THREADS"))
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    monkeypatch.setenv("KRONSCOPE_DATABASE_URL", "postgresql+psycopg://nobody@127.0.0.1:1/none")
+    # set first, so that whatever serve writes into the environment is undone afterwards
+    monkeypatch.setenv("KRONSCOPE_RUN_JOBS_IN_PROCESS", "false")
+    monkeypatch.setenv("KRONSCOPE_PAGE_THREADS", preset or "")
+    if preset is None:
+        monkeypatch.delenv("KRONSCOPE_PAGE_THREADS")
+    r = CliRunner().invoke(app, ["serve", "--workers", str(workers), "--no-jobs"])
+    assert r.exit_code == 0, r.output
+    assert seen["workers"] == workers
+    assert seen["threads"] == expected
+
+
+def test_serve_refuses_workers_on_sqlite(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("must not start"))
+    monkeypatch.setenv("KRONSCOPE_DATABASE_URL", f"sqlite:///{tmp_path / 'k.db'}")
+    r = CliRunner().invoke(app, ["serve", "--workers", "2"])
+    assert r.exit_code == 2
+    assert "several workers need PostgreSQL" in r.output

@@ -37,6 +37,12 @@ def register(app: typer.Typer) -> None:
         if workers > 1 and settings.resolved_database_url.startswith("sqlite"):
             typer.echo("error: several workers need PostgreSQL (KRONSCOPE_DATABASE_URL)", err=True)
             raise typer.Exit(2)
+        if workers > 1 and "page_threads" not in settings.model_fields_set:
+            # Each worker is a process with its own page threads: share the cores among them
+            # (on 2 cores, 2 workers x 1 thread serve a page load with a shorter tail than
+            # 2 x 2).
+            threads = min(settings.page_threads, max(1, (os.cpu_count() or 1) // workers))
+            os.environ["KRONSCOPE_PAGE_THREADS"] = str(threads)
         uvicorn.run(
             "kronscope.app:create_app",
             factory=True,
