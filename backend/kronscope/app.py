@@ -28,6 +28,7 @@ from .api import explanations as explanations_api
 from .api import export as export_api
 from .api import inference as inference_api
 from .api.errors import add_exception_handlers
+from .api.fast_lane import FastLane
 from .config import Settings, get_settings
 from .db import DatabaseUnavailable, make_engine, make_sessionmaker, upgrade
 from .db.engine import pool_capacity
@@ -102,10 +103,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.engine = engine
         app.state.sessionmaker = make_sessionmaker(engine)
         app.state.write_sessionmaker = make_sessionmaker(engine, begin_immediate=True)
-        # Feature pages only read: no transaction to begin and roll back around them.
-        app.state.read_sessionmaker = make_sessionmaker(
-            engine.execution_options(isolation_level="AUTOCOMMIT")
-        )
         # Requests hold at most this many pooled connections at once (see api.deps): as many
         # as the pool keeps open, so that no request opens and closes an overflow connection
         # of its own; the overflow is left to the job runner and streamed exports.
@@ -148,4 +145,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(explanations_api.router)  # issue 6: explanations
     app.include_router(export_api.router)  # issue 6: export
     register_web(app)  # pages, /static, session cookie, HTML error pages
+    app.add_middleware(FastLane, state=app.state)  # outermost: the hot page reads
     return app

@@ -166,3 +166,29 @@ def test_lru_weight_and_single_flight() -> None:
     with pytest.raises(RuntimeError):
         lru.get_or_make("f", failing)
     assert lru.get_or_make("f", lambda: "ok") == "ok"  # a failure is not remembered
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_records_gather_every_column(dense: bool) -> None:
+    index = np.arange(6) if dense else np.array([0, 2, 3, 7, 8, 9])
+    columns = {
+        c: np.arange(6, dtype=np.float64) * (k + 1) for k, c in enumerate(KindSummary.COLUMNS)
+    }
+    part = KindSummary(index[::-1].copy(), {c: v[::-1].copy() for c, v in columns.items()})
+    assert part.dense is dense
+    want = [5, 0, 3, 11, -1] if dense else [9, 0, 3, 11, -1]
+    records = part.records(want)
+    for i, rec in zip(want, records, strict=True):
+        where = np.flatnonzero(index == i)
+        if not where.size:
+            assert rec is None and part.rows([i])[0] == -1
+            continue
+        row = int(where[0])
+        assert rec == [float(columns[c][row]) for c in KindSummary.COLUMNS]
+    assert part.records([]) == []
+
+
+def test_records_of_an_empty_summary() -> None:
+    empty = np.zeros(0, np.float64)
+    part = KindSummary(np.zeros(0, np.int64), dict.fromkeys(KindSummary.COLUMNS, empty))
+    assert part.records([0, 3]) == [None, None]

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -60,6 +62,15 @@ def test_lists_and_batches(db_session: Session, make_sae: Callable[..., Sae]) ->
         reader.all(RawQuery("SELECT no_such_column FROM unit_stats"))
 
 
+def _max_seq(session: Session, sae: Sae) -> int:
+    from kronscope.db.models import Explanation
+
+    found = session.scalar(
+        sa.select(sa.func.max(Explanation.seq)).where(Explanation.sae_id == sae.id)
+    )
+    return int(found or 0)
+
+
 def test_page_reads_equal_the_repositories(
     db_session: Session, make_sae: Callable[..., Sae]
 ) -> None:
@@ -78,11 +89,16 @@ def test_page_reads_equal_the_repositories(
     assert ref.is_kronsae and ref.harvest_status == "complete"
     harvest = harvests.get_harvest(db_session, hid)
     assert harvest is not None and ref.harvest_finished_at == harvest.finished_at
-    assert pages.sae_by_id(reader, sae.id) == ref
     assert pages.sae_by_slug(reader, "no-such-sae") is None
+    assert pages.sae_and_seq_by_slug(reader, sae.slug) == (ref, _max_seq(db_session, sae))
+
+    def unit_page(kind: int, index: int, kinds: list[int], slug: str = sae.slug) -> Any:
+        statement = pages.unit_page_statement(slug, hid, kind, index, kinds)
+        return pages.unit_page_from_rows(reader.batch([statement])[0])
 
     for kind, index in [(UnitKind.LATENT, 5), (UnitKind.BASE, 2), (UnitKind.EXTENSION, 7)]:
-        row = pages.unit_row(reader, hid, kind, index)
+        sae_rows, row, rows = unit_page(kind, index, [0, 1])
+        assert pages.sae_from_rows(sae_rows) == ref
         want = stats.get_unit_stats(db_session, sae, kind, index)
         assert row is not None and want is not None
         assert (row.n_active, row.frequency, row.max_value, row.histogram) == (
@@ -92,14 +108,16 @@ def test_page_reads_equal_the_repositories(
             want.histogram,
         )
         assert row.histogram_edges == want.histogram_edges
-        rows = pages.unit_examples(reader, hid, kind, index, [0, 1])
         top = examples.top_examples(db_session, sae, kind, index)
         sampled = examples.sampled_examples(db_session, sae, kind, index)
         assert [(r[0], r[1], r[7], bytes(r[6])) for r in rows] == [
             (int(ExampleKind.TOP), v.rank, v.context_id, pack_f16(v.values)) for v in top
         ] + [(int(ExampleKind.SAMPLE), v.rank, v.context_id, pack_f16(v.values)) for v in sampled]
-        assert [r[0] for r in pages.unit_examples(reader, hid, kind, index, [1])] == [1, 1]
-    assert pages.unit_row(reader, hid, 0, 10_000) is None
+        assert [r[0] for r in unit_page(kind, index, [1])[2]] == [1, 1]
+        assert unit_page(kind, index, [])[2] == []
+    sae_rows, row, rows = unit_page(0, 10_000, [0, 1])
+    assert pages.sae_from_rows(sae_rows) == ref and row is None and rows == []
+    assert unit_page(0, 5, [0, 1], slug="no-such-sae") == ([], None, [])
 
     found = pages.explanations(reader, sae.id, [(0, 5), (0, 6), (1, 2), (2, 2)])
     assert [e.text for e in found[(0, 5)]] == ["better", "first"]  # best score first
@@ -171,5 +189,47 @@ def test_an_idle_connection_is_pinged_before_use(
             admin.commit()
         with engine.connect() as conn:
             assert RawReader(conn).all(RawQuery("SELECT pg_backend_pid()"))[0][0] != pid
+    finally:
+        engine.dispose()
+
+
+def test_json_values_orjson_reads_and_json_reads_the_rest() -> None:
+    assert json_value(b"[[3, 0.5]]") == [[3, 0.5]]
+    nan = json_value("[NaN]")  # SQLite text a lenient writer left: orjson refuses it
+    assert len(nan) == 1 and nan[0] != nan[0]
+
+
+def test_pooled_reader_reads_outside_a_transaction(db_url: str) -> None:
+    """``RawReader.pooled``: statements run as they come (no transaction), the connection
+    goes back to the pool as the pool's other users expect it (PostgreSQL: not autocommit),
+    and the reader can open an ORM session when a read needs one."""
+    engine: Engine = make_engine(db_url, pool_size=1)
+    try:
+        with RawReader.pooled(engine) as reader:
+            assert reader.all(RawQuery("SELECT 1")) == [(1,)]
+            if reader.dialect == "postgresql":
+                assert reader._dbapi.autocommit is True
+                assert reader._dbapi.info.transaction_status == 0  # idle: no BEGIN sent
+            with reader.orm_session() as session:
+                assert session.scalar(sa.text("SELECT 2")) == 2
+        with engine.connect() as conn:  # the same pooled connection, handed out again
+            if conn.dialect.name == "postgresql":
+                assert conn.connection.driver_connection.autocommit is False  # type: ignore[union-attr]
+            assert conn.exec_driver_sql("SELECT 3").scalar() == 3
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_pooled_reader_of_an_unreachable_database(db_url: str) -> None:
+    if not db_url.startswith("postgresql"):
+        pytest.skip("needs a server address")
+    engine = make_engine("postgresql+psycopg://nobody@127.0.0.1:1/none")
+    try:
+        with (
+            pytest.raises(DatabaseUnavailable, match="cannot be reached"),
+            RawReader.pooled(engine),
+        ):
+            pass
     finally:
         engine.dispose()

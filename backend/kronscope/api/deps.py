@@ -33,6 +33,7 @@ from starlette.concurrency import run_in_threadpool
 from ..config import Settings
 from ..db.errors import DatabaseUnavailable
 from ..db.models import Sae
+from ..db.raw import RawReader
 from ..services import keys as key_service
 from ..services import sae_registry, tx
 from ..services.errors import ServiceUnavailable
@@ -162,24 +163,30 @@ def _json_default(value: Any) -> Any:
 
 def dumps(body: Any) -> bytes:
     """JSON bytes as the API writes them (UTC timestamps end in ``Z``, as pydantic's do)."""
-    return orjson.dumps(body, default=_json_default, option=orjson.OPT_UTC_Z)
+    return orjson.dumps(
+        body, default=_json_default, option=orjson.OPT_UTC_Z | orjson.OPT_SERIALIZE_NUMPY
+    )
 
 
-async def read_json(request: Request, read: Callable[[Session], Any]) -> Response:
-    """Serve a read-only page: ``read(session)`` and its serialisation run in one trip to
-    a page thread, under a database slot (see ``get_session``), and the bytes go out as
-    they are. The route's ``response_model`` documents the shape; tests check the pages
-    against it (validating each response again here cost more than the reads)."""
-    state = request.app.state
-    await ensure_database(request)
+async def page_bytes(
+    state: Any, read: Callable[[RawReader], Any], request: Request | None
+) -> bytes:
+    """``read(reader)`` serialised, in one trip to a page thread (``Settings.page_threads``,
+    not the shared pool), under a database slot (see ``get_session``), on a pooled
+    connection outside any transaction (``RawReader.pooled``: no Session). ``request``
+    is checked for a key when reads need one (the fast lane never asks then)."""
+    if not state.migrated and not await run_in_threadpool(state.ensure_ready):
+        raise ServiceUnavailable(
+            "The database cannot be reached right now; try again in a few seconds."
+        )
 
     def attempt() -> bytes:
-        session: Session = state.read_sessionmaker()  # autocommit: no BEGIN, no ROLLBACK
-        try:
-            require_read(request, state.settings, session)
-            return dumps(read(session))
-        finally:
-            session.close()
+        with RawReader.pooled(state.engine) as reader:
+            if state.settings.require_key_for_reads:
+                assert request is not None
+                with reader.orm_session() as session:
+                    require_read(request, state.settings, session)
+            return dumps(read(reader))
 
     def run() -> bytes:
         try:
@@ -192,8 +199,15 @@ async def read_json(request: Request, read: Callable[[Session], Any]) -> Respons
             return attempt()
 
     async with state.db_slots:
-        with anyio.CancelScope(shield=True):  # the session is closed whatever the client does
-            # On the pages' own few threads (``Settings.page_threads``), not the shared pool.
+        with anyio.CancelScope(shield=True):  # the connection goes back whatever the client does
             loop = asyncio.get_running_loop()
-            content = await loop.run_in_executor(state.page_executor, run)
+            content: bytes = await loop.run_in_executor(state.page_executor, run)
+    return content
+
+
+async def read_json(request: Request, read: Callable[[RawReader], Any]) -> Response:
+    """Serve a read-only page (``page_bytes``): the bytes go out as they are. The route's
+    ``response_model`` documents the shape; tests check the pages against it (validating
+    each response again here cost more than the reads)."""
+    content = await page_bytes(request.app.state, read, request)
     return Response(content, media_type="application/json")

@@ -258,7 +258,10 @@ class Explanation(TimestampMixin, Base):
     """Text describing a latent or parent. Belongs to the SAE, so it survives re-harvests."""
 
     __tablename__ = "explanation"
-    __table_args__ = (sa.Index("ix_explanation_unit", "sae_id", "unit_kind", "unit_index"),)
+    __table_args__ = (
+        sa.Index("ix_explanation_unit", "sae_id", "unit_kind", "unit_index"),
+        sa.Index("ix_explanation_seq", "sae_id", "seq"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     sae_id: Mapped[int] = mapped_column(sa.ForeignKey("sae.id", ondelete="CASCADE"))
@@ -270,6 +273,11 @@ class Explanation(TimestampMixin, Base):
     author: Mapped[str | None] = mapped_column(sa.String(256))
     score: Mapped[float | None] = mapped_column(sa.Double)
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    seq: Mapped[int] = mapped_column(
+        sa.BigInteger, server_default="0", server_onupdate=sa.FetchedValue()
+    )
+    """The change number the database gives every insert and update (alembic 0003): larger
+    than any earlier one of the SAE, in commit order. What page caches follow."""
 
     revisions: Mapped[list[ExplanationRevision]] = relationship(
         back_populates="explanation",

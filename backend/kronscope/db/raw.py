@@ -22,14 +22,16 @@ transaction, with its pool, pre-ping and disconnect handling:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
@@ -85,23 +87,73 @@ def _is_unavailable(dialect: sa.Dialect, exc: BaseException, dbapi_conn: Any) ->
 
 
 class RawReader:
-    """Runs ``RawQuery`` statements on the DBAPI connection of ``connection``."""
+    """Runs ``RawQuery`` statements on the DBAPI connection of ``connection`` (a SQLAlchemy
+    ``Connection``), or of a connection checked out of an engine's pool (``pooled``)."""
 
     def __init__(self, connection: sa.Connection) -> None:
-        self._connection = connection
-        self.dialect = connection.dialect.name
-        self.database = _url_text(connection.engine.url)
-        """Which database (for cache keys of data that never changes)."""
         fairy = connection.connection  # the pooled DBAPI connection (begins the transaction)
-        driver = fairy.driver_connection
+        self._setup(connection.engine, fairy.driver_connection, connection.invalidate)
+        self._session: Session | None = None
+
+    def _setup(self, engine: sa.Engine, driver: Any, invalidate: Any) -> None:
         assert driver is not None, "the connection is closed"
+        self.engine = engine
+        self.dialect = engine.dialect.name
+        self.database = _url_text(engine.url)
+        """Which database (for cache keys of data that never changes)."""
         self._dbapi: Any = driver
-        self._errors = connection.dialect.loaded_dbapi.Error
+        self._invalidate = invalidate
+        self._errors = engine.dialect.loaded_dbapi.Error
 
     @classmethod
     def of(cls, db: Session | sa.Connection) -> RawReader:
         """The reader of a session's (or connection's) current connection."""
-        return cls(db.connection() if isinstance(db, Session) else db)
+        reader = cls(db.connection() if isinstance(db, Session) else db)
+        if isinstance(db, Session):
+            reader._session = db
+        return reader
+
+    @classmethod
+    @contextlib.contextmanager
+    def pooled(cls, engine: sa.Engine) -> Iterator[RawReader]:
+        """A reader on a connection of ``engine``'s pool, outside any transaction (each
+        statement sees what was committed when it started), given back at the end. For
+        read-only pages: no ``Session`` or ``Connection`` to build, no ``BEGIN`` or
+        ``ROLLBACK`` to send (together several times the CPU of a page's query)."""
+        try:
+            fairy = engine.raw_connection()
+        except sa.exc.DBAPIError as exc:
+            raise DatabaseUnavailable(
+                f"the database at {_url_text(engine.url)} cannot be reached: {exc.orig}"
+            ) from exc
+        except engine.dialect.loaded_dbapi.Error as exc:
+            raise DatabaseUnavailable(
+                f"the database at {_url_text(engine.url)} cannot be reached: {exc}"
+            ) from exc
+        driver: Any = fairy.driver_connection
+        postgresql = engine.dialect.name == "postgresql"
+        try:
+            if postgresql:
+                driver.autocommit = True  # no transaction around the reads
+            reader = cls.__new__(cls)
+            reader._setup(engine, driver, fairy.invalidate)
+            reader._session = None
+            yield reader
+        finally:
+            if postgresql and fairy.is_valid:
+                with contextlib.suppress(Exception):  # a broken one is discarded on close
+                    driver.autocommit = False  # as the pool's other users expect it
+            fairy.close()
+
+    @contextlib.contextmanager
+    def orm_session(self) -> Iterator[Session]:
+        """A SQLAlchemy session for the reads that need one: the reader's own session, or
+        a new one on the same engine (closed at the end)."""
+        if self._session is not None:
+            yield self._session
+            return
+        with Session(self.engine) as session:
+            yield session
 
     def _params(self, query: RawQuery, params: Mapping[str, Any]) -> Mapping[str, Any]:
         if self.dialect != "sqlite" or not query.lists:
@@ -130,11 +182,11 @@ class RawReader:
                 for q, p in statements
             ]
         except self._errors as exc:
-            if _is_unavailable(self._connection.dialect, exc, self._dbapi):
+            if _is_unavailable(self.engine.dialect, exc, self._dbapi):
                 # This connection is gone, and so probably are the pool's others (a server
                 # restart): replace the pool, as SQLAlchemy does on a disconnect.
-                self._connection.invalidate(exc)
-                self._connection.engine.dispose(close=False)
+                self._invalidate(exc)
+                self.engine.dispose(close=False)
                 err = DatabaseUnavailable(
                     f"the database cannot be reached: {str(exc).strip().splitlines()[0]}"
                 )
@@ -180,7 +232,11 @@ def utc(value: Any) -> datetime | None:
 
 
 def json_value(value: Any) -> Any:
-    """A JSON column's raw value (decoded by psycopg, text on SQLite) as Python data."""
+    """A JSON column's raw value (decoded by psycopg, text on SQLite or when a statement
+    casts it) as Python data."""
     if isinstance(value, str | bytes):
-        return json.loads(value)
+        try:
+            return orjson.loads(value)
+        except orjson.JSONDecodeError:  # what orjson refuses and json reads (NaN)
+            return json.loads(value)
     return value

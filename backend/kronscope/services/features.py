@@ -2,20 +2,23 @@
 head grids. Nothing here loads a model: everything is read from the SAE's active harvest
 and its explanations.
 
-Every function returns plain dicts in the shape of the API's response models. Floats that
-are not finite (a float16 overflow, an empty mean) become ``None`` or 0 so the JSON is
-always valid. Each page costs a fixed number of queries, whatever F is:
+Every function returns plain dicts in the shape of the API's response models (an
+example's values as a float64 array, which ``api.deps.dumps`` writes as a list). Floats
+that are not finite (a float16 overflow, an empty mean) become ``None`` or 0 so the JSON
+is always valid. Each page costs one statement, whatever F is:
 
-- a latent page: the latent's full statistics, its examples with their contexts, and the
-  explanations of the latent, its parents, siblings and neighbours (three queries);
-- a latent list: the best explanations of the page's latents (one query);
-- and, with them, the SAE's row, to check that the one remembered from an earlier page
-  (which the reads were planned from) is still current; if not, the page is planned again.
+- a latent (or parent) page: the SAE's row, the unit's full statistics and its examples
+  with their contexts, together (``pages.unit_page_statement``);
+- a latent list or head grid: the SAE's row.
 
-On PostgreSQL a page's statements go to the server together: one round trip per page.
+The SAE's row checks that the one remembered from an earlier page (which the reads were
+planned from) is still current (if not, the page is planned again), and carries the SAE's
+largest explanation change number. Explanations come from ``explanation_reads``, brought up
+to that number first (one more query, only after explanations changed); an SAE with too
+many explanations to cache has its units' explanations read in the same round trip.
 
 Everything else comes from what ``harvest_reads`` caches of a finished harvest (every
-unit's summary, the token strings), and the queries run on the driver's connection
+unit's summary, the token strings), and the statements run on the driver's connection
 (``db.raw``): on a busy server, building SQLAlchemy rows and pydantic models cost more
 than the database did.
 """
@@ -36,7 +39,7 @@ from ..db.raw import RawReader
 from ..db.repositories import pages as pages_repo
 from ..db.repositories import stats as stats_repo
 from ..db.repositories.pages import ExplanationRow, SaeRef, Statement, UnitRow
-from . import harvest_reads
+from . import explanation_reads, harvest_reads
 from .errors import NotFound, Unprocessable
 from .harvest_reads import HarvestKey, KindSummary, SortKey, UnitSummaries
 from .sae_registry import harvest_summary
@@ -49,7 +52,6 @@ SORTS: dict[str, SortKey] = {
 IntervalMode = Literal["width", "quantile"]
 ParentKind = Literal["base", "extension"]
 _PARENT_KIND = {"base": UnitKind.BASE, "extension": UnitKind.EXTENSION}
-SaeLike = Sae | SaeRef
 F16_MAX = 65504.0
 
 
@@ -87,16 +89,18 @@ def _row_stats(s: UnitRow | None) -> dict[str, Any] | None:
     }
 
 
-def _summary_stats(part: KindSummary | None, row: int) -> dict[str, Any] | None:
-    if part is None or row < 0:
+def _record_stats(record: list[float] | None) -> dict[str, Any] | None:
+    """A unit's statistics from its ``KindSummary.records`` entry."""
+    if record is None:
         return None
+    n_active, frequency, mean, top, both, kept = record
     return {
-        "n_active": int(part.n_active[row]),
-        "density": _f0(part.frequency[row]),
-        "mean_activation": _f(part.mean_value[row]),
-        "max_activation": _f0(part.max_value[row]),
-        "both_parents_active": _count(part.both_parents_active[row]),
-        "kept_count": _count(part.kept_count[row]),
+        "n_active": int(n_active),
+        "density": _f0(frequency),
+        "mean_activation": _f(mean),
+        "max_activation": _f0(top),
+        "both_parents_active": _count(both),
+        "kept_count": _count(kept),
     }
 
 
@@ -187,40 +191,60 @@ def check_index(sae: SaeLike, index: int) -> None:
 
 
 # -- the SAE and its harvest -------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Fresh:
+    """An SAE's row and its largest explanation change number, just read together."""
+
+    sae: SaeRef
+    seq: int
+
+    def __getattr__(self, name: str) -> Any:  # reads like the SaeRef it carries
+        return getattr(self.sae, name)
+
+
+SaeLike = Sae | SaeRef | _Fresh
+
+
 class _Stale(Exception):
     """The SAE's row changed after a page planned its reads from it."""
 
-    def __init__(self, sae: SaeRef | None) -> None:
-        self.sae = sae
+    def __init__(self, fresh: _Fresh | None) -> None:
+        self.fresh = fresh
 
 
 def _no_sae(slug: str) -> NotFound:
     return NotFound(f"There is no SAE named {slug!r}.", detail={"sae": slug})
 
 
+Explanations = dict[tuple[int, int], list[ExplanationRow]]
+
+
 @dataclass
 class _Reads:
     """One page's reads: the SAE (as remembered, checked by ``fetch``), its active
-    harvest's cached data, and the page's statements."""
+    harvest's cached data, its explanations (cached: ``explanation_reads``) and the page's
+    statements."""
 
     reader: RawReader
     sae: SaeRef
     checked: bool
+    seq: int = 0
+    """The SAE's largest explanation change number, once its row has been read."""
 
     @classmethod
-    def open(cls, session: Session, sae: SaeLike | str) -> _Reads:
-        reader = RawReader.of(session)
-        if isinstance(sae, SaeRef):  # just read from the database
-            return cls(reader, sae, True)
+    def open(cls, db: Session | RawReader, sae: SaeLike | str) -> _Reads:
+        reader = db if isinstance(db, RawReader) else RawReader.of(db)
+        if isinstance(sae, _Fresh):  # just read from the database
+            return cls(reader, sae.sae, True, sae.seq)
         slug = sae if isinstance(sae, str) else sae.slug
         ref = harvest_reads.remembered_sae(reader, slug)
         if ref is not None:
             return cls(reader, ref, False)
-        ref = pages_repo.sae_by_slug(reader, slug)
+        ref, seq = pages_repo.sae_and_seq_by_slug(reader, slug)
         if ref is None:
             raise _no_sae(slug)
         harvest_reads.remember_sae(reader, slug, ref)
-        return cls(reader, ref, True)
+        return cls(reader, ref, True, seq)
 
     @property
     def key(self) -> HarvestKey | None:
@@ -244,20 +268,55 @@ class _Reads:
         and the page is planned again from the new row."""
         if self.checked:
             return self.reader.batch(statements)
-        slug = self.sae.slug
-        rows = self.reader.batch([pages_repo.sae_by_slug_statement(slug), *statements])
-        fresh = pages_repo.sae_from_rows(rows[0])
-        if fresh != self.sae:
-            harvest_reads.remember_sae(self.reader, slug, fresh)
-            raise _Stale(fresh)
-        self.checked = True
+        rows = self.reader.batch([pages_repo.sae_by_slug_statement(self.sae.slug), *statements])
+        self._check(rows[0])
         return rows[1:]
 
-    def explanations(
-        self, units: Iterable[tuple[int, int]]
-    ) -> dict[tuple[int, int], list[ExplanationRow]]:
-        rows = self.fetch([pages_repo.explanations_statement(self.sae.id, units)])[0]
-        return pages_repo.explanations_from_rows(rows)
+    def _check(self, sae_rows: list[tuple[Any, ...]]) -> None:
+        """``_Stale`` unless the SAE's row as just read is the one the page was planned
+        from; note its explanation change number."""
+        fresh = pages_repo.sae_from_rows(sae_rows)
+        seq = pages_repo.explanation_seq_from_rows(sae_rows)
+        if fresh != self.sae:
+            harvest_reads.remember_sae(self.reader, self.sae.slug, fresh)
+            raise _Stale(None if fresh is None else _Fresh(fresh, seq))
+        self.checked = True
+        self.seq = seq
+
+    def fetch_unit(
+        self, unit: _UnitPage, units: Sequence[tuple[int, int]]
+    ) -> tuple[UnitRow | None, list[tuple[Any, ...]], Explanations]:
+        """A unit's statistics and examples (with the SAE's row, checked, in the same
+        statement) and the explanations of ``units``."""
+        entry = explanation_reads.cached(self.reader, self.sae)
+        statements = [unit.statement(self)]
+        if entry is None:
+            statements.append(pages_repo.explanations_statement(self.sae.id, units))
+        rows = self.reader.batch(statements)
+        sae_rows, stats, examples = pages_repo.unit_page_from_rows(rows[0])
+        self._check(sae_rows)
+        if entry is None:
+            expl = pages_repo.explanations_from_rows(rows[1])
+        else:
+            expl = explanation_reads.explanations(self.reader, entry, self.sae, self.seq, units)
+        return stats, examples, expl
+
+    def fetch_explained(
+        self, statements: Sequence[Statement], units: Iterable[tuple[int, int]]
+    ) -> tuple[list[list[tuple[Any, ...]]], Explanations]:
+        """``fetch(statements)`` and the explanations of ``units``: from the cache, brought
+        up to the change number the SAE's row was read with, or (an SAE with too many to
+        cache) read in the same round trip."""
+        entry = explanation_reads.cached(self.reader, self.sae)
+        if entry is None:
+            query = pages_repo.explanations_statement(self.sae.id, units)
+            rows = self.fetch([*statements, query])
+            return rows[:-1], pages_repo.explanations_from_rows(rows[-1])
+        rows = self.fetch(statements)
+        return rows, explanation_reads.explanations(self.reader, entry, self.sae, self.seq, units)
+
+    def explanations(self, units: Iterable[tuple[int, int]]) -> Explanations:
+        return self.fetch_explained([], units)[1]
 
 
 P = ParamSpec("P")
@@ -265,18 +324,18 @@ R = TypeVar("R")
 
 
 def _current_sae(
-    page: Callable[Concatenate[Session, SaeLike | str, P], R],
-) -> Callable[Concatenate[Session, SaeLike | str, P], R]:
+    page: Callable[Concatenate[Any, SaeLike | str, P], R],
+) -> Callable[Concatenate[Any, SaeLike | str, P], R]:
     """Plan the page again, once, if the SAE's row changed under it (or 404 if it is gone)."""
 
     @functools.wraps(page)
-    def run(session: Session, sae: SaeLike | str, *args: P.args, **kwargs: P.kwargs) -> R:
+    def run(session: Any, sae: SaeLike | str, *args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return page(session, sae, *args, **kwargs)
         except _Stale as stale:
-            if stale.sae is None:
+            if stale.fresh is None:
                 raise _no_sae(sae if isinstance(sae, str) else sae.slug) from None
-            return page(session, stale.sae, *args, **kwargs)
+            return page(session, stale.fresh, *args, **kwargs)
 
     return run
 
@@ -288,31 +347,21 @@ def _finite(x: float) -> float | None:
 def _briefs(
     sae: SaeRef, part: KindSummary | None, indices: Sequence[int], best: dict[int, str]
 ) -> list[dict[str, Any]]:
-    """Latent summaries of ``indices`` (read from the cached columns a list at a time)."""
-    have: list[bool] = [False] * len(indices)
-    density = top = mean = n_active = [0] * len(indices)
-    if part is not None and len(indices):
-        rows = part.rows(indices)
-        have = (rows >= 0).tolist()
-        at = np.maximum(rows, 0)
-        density = part.frequency[at].tolist()
-        top = part.max_value[at].tolist()
-        mean = part.mean_value[at].tolist()
-        n_active = part.n_active[at].tolist()
-    out = []
+    """Latent summaries of ``indices`` (read from the cached columns in one gather)."""
+    records = part.records(indices) if part is not None else [None] * len(indices)
     mn, n = (sae.m * sae.n, sae.n) if sae.m and sae.n and sae.is_kronsae else (0, 1)
-    for k, i in enumerate(indices):
-        ok = have[k]
+    out = []
+    for i, rec in zip(indices, records, strict=True):
         out.append(
             {
                 "index": i,
                 "head": i // mn if mn else None,
                 "base": i % mn // n if mn else None,
                 "extension": i % n if mn else None,
-                "density": _finite(density[k]) if ok else None,
-                "max_activation": _finite(top[k]) if ok else None,
-                "mean_activation": _finite(mean[k]) if ok else None,
-                "n_active": n_active[k] if ok else None,
+                "density": _finite(rec[1]) if rec else None,
+                "max_activation": _finite(rec[3]) if rec else None,
+                "mean_activation": _finite(rec[2]) if rec else None,
+                "n_active": int(rec[0]) if rec else None,
                 "explanation": best.get(i),
             }
         )
@@ -326,7 +375,9 @@ def _best_texts(
 
 
 @_current_sae
-def briefs(session: Session, sae: SaeLike | str, indices: Sequence[int]) -> list[dict[str, Any]]:
+def briefs(
+    session: Session | RawReader, sae: SaeLike | str, indices: Sequence[int]
+) -> list[dict[str, Any]]:
     """Latent summaries for a set of indices (stats and best explanation), in that order."""
     reads = _Reads.open(session, sae)
     indices = [int(i) for i in indices]
@@ -338,7 +389,7 @@ def briefs(session: Session, sae: SaeLike | str, indices: Sequence[int]) -> list
 # -- latent list -------------------------------------------------------------------------------
 @_current_sae
 def list_latents(
-    session: Session,
+    session: Session | RawReader,
     sae: SaeLike | str,
     *,
     sort: str = "index",
@@ -368,22 +419,23 @@ def list_latents(
     if has_explanation is not None or (q is not None and q.strip()):
         # Filters on explanations (which change) go to the database's indexes.
         reads.fetch([])
-        orm_sae = session.get(Sae, ref.id)
-        if orm_sae is None:
-            raise _no_sae(ref.slug)
-        page = stats_repo.list_units(
-            session,
-            orm_sae,
-            sort=SORTS[sort],
-            descending=descending,
-            min_frequency=min_density,
-            max_frequency=max_density,
-            head=head,
-            has_explanation=has_explanation,
-            q=q,
-            limit=limit,
-            offset=offset,
-        )
+        with reads.reader.orm_session() as orm:
+            orm_sae = orm.get(Sae, ref.id)
+            if orm_sae is None:
+                raise _no_sae(ref.slug)
+            page = stats_repo.list_units(
+                orm,
+                orm_sae,
+                sort=SORTS[sort],
+                descending=descending,
+                min_frequency=min_density,
+                max_frequency=max_density,
+                head=head,
+                has_explanation=has_explanation,
+                q=q,
+                limit=limit,
+                offset=offset,
+            )
         indices = [int(s.unit_index) for s in page.items]
         total = page.total
     else:
@@ -416,8 +468,10 @@ def list_latents(
 def _example_dicts(
     reads: _Reads, rows: Sequence[tuple[Any, ...]]
 ) -> list[tuple[float | None, dict[str, Any]]]:
-    """``pages.examples_statement`` rows -> (sampled value, example dict), values decoded
-    and rounded for the whole set at once."""
+    """``pages.unit_page_from_rows`` example rows -> (sampled value, example dict), values decoded
+    and rounded for the whole set at once. An example's ``values`` are a float64 array
+    (``dumps`` writes it as a list, as fast as a list of floats and without making one);
+    its ``tokens`` are the context's cached, read-only token strings."""
     key = reads.key
     if not rows or key is None:
         return []
@@ -425,10 +479,11 @@ def _example_dicts(
     blobs = [bytes(r[6]) for r in rows]
     if len({len(b) for b in blobs}) == 1:
         matrix = np.frombuffer(b"".join(blobs), dtype="<f2").reshape(len(blobs), -1)
-        values: list[list[float]] = _clean(matrix).tolist()
+        values: Sequence[np.ndarray] = list(_clean_f16(matrix))
     else:
-        values = [_clean(np.frombuffer(b, dtype="<f2")).tolist() for b in blobs]
+        values = [_clean_f16(np.frombuffer(b, dtype="<f2")) for b in blobs]
     out = []
+    context_tokens = harvest_reads.context_tokens
     for r, v in zip(rows, values, strict=True):
         sample_value = _f(r[5])
         out.append(
@@ -438,7 +493,7 @@ def _example_dicts(
                     "rank": r[1],
                     "context_id": r[7],
                     "position": r[8],
-                    "tokens": list(harvest_reads.context_tokens(key, r[7], bytes(r[9]), vocab)),
+                    "tokens": context_tokens(key, r[7], r[9], vocab),
                     "values": v,
                     "max_value": _f0(r[2]),
                     "max_pos": r[3],
@@ -456,6 +511,19 @@ def _clean(values: np.ndarray) -> np.ndarray:
     return np.round(out, 4)
 
 
+_F16_CLEAN = _clean(np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.float16))
+"""``_clean`` of every float16 (by its bits): a page's values are one gather."""
+
+
+def _clean_f16(values: np.ndarray) -> np.ndarray:
+    return _F16_CLEAN[values.view(np.uint16)]
+
+
+def _finite0(x: float | None) -> float:
+    """A sampled value for interval arithmetic: NaN, infinities and None count as 0."""
+    return x if x is not None and math.isfinite(x) else 0.0
+
+
 def _intervals(
     samples: list[tuple[float | None, dict[str, Any]]],
     max_value: float,
@@ -463,22 +531,30 @@ def _intervals(
     mode: IntervalMode,
     per_interval: int,
 ) -> list[dict[str, Any]]:
-    values = np.array([v or 0.0 for v, _ in samples], dtype=np.float64)
-    values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
-    top = max(_f0(max_value), float(values.max()) if values.size else 0.0)
-    if mode == "quantile" and values.size:
-        edges = np.quantile(values, np.linspace(0.0, 1.0, n + 1))
+    """The sampled examples in ``n`` activation intervals from 0 to the maximum: equal
+    width (``np.linspace``'s edges, computed as it does) or equal count (quantiles); each
+    interval's highest samples first. A few dozen samples: plain Python beats numpy."""
+    if n <= 0:
+        return []
+    values = [_finite0(v) for v, _ in samples]
+    top = max(_f0(max_value), max(values) if values else 0.0)
+    if mode == "quantile" and values:
+        edges = np.quantile(np.array(values, dtype=np.float64), np.linspace(0.0, 1.0, n + 1))
         edges[0] = min(0.0, float(edges[0]))
+        bounds = edges.tolist()
     else:
-        edges = np.linspace(0.0, top, n + 1)
-    edges[-1] = max(float(edges[-1]), top)
+        step = top / n
+        bounds = [k * step for k in range(n)] + [top]
+    bounds[-1] = max(bounds[-1], top)
     groups: list[dict[str, Any]] = []
     for k in range(n):
-        lo, hi = float(edges[k]), float(edges[k + 1])
+        lo, hi = bounds[k], bounds[k + 1]
         last = k == n - 1
-        mask = (values >= lo) & ((values <= hi) if last else (values < hi))
-        chosen = [samples[i] for i in np.flatnonzero(mask)]
-        chosen.sort(key=lambda s: -(s[0] or 0.0))
+        chosen = [
+            (v, d) for v, (_, d) in zip(values, samples, strict=True)
+            if v >= lo and (v <= hi if last else v < hi)
+        ]  # fmt: skip
+        chosen.sort(key=lambda s: -s[0])
         groups.append(
             {
                 "index": k,
@@ -499,30 +575,27 @@ class _UnitPage:
     top_k: int
     intervals: int
 
-    def statements(self, reads: _Reads) -> list[Statement]:
-        hid = reads.harvest_id
-        if hid is None:
-            return []
+    def statement(self, reads: _Reads) -> Statement:
+        """The SAE's row, the unit's statistics and examples, in one statement."""
         kinds = ([0] if self.top_k != 0 else []) + ([1] if self.intervals > 0 else [])
-        out = [pages_repo.unit_statement(hid, self.kind, self.index)]
-        if kinds:
-            out.append(pages_repo.examples_statement(hid, self.kind, self.index, kinds))
-        return out
+        return pages_repo.unit_page_statement(
+            reads.sae.slug, reads.harvest_id, self.kind, self.index, kinds
+        )
 
     def build(
         self,
         reads: _Reads,
-        rows: list[list[tuple[Any, ...]]],
+        stats: UnitRow | None,
+        examples: list[tuple[Any, ...]],
         explanations: list[ExplanationRow],
         mode: IntervalMode,
         per_interval: int,
-    ) -> tuple[UnitRow | None, dict[str, Any]]:
-        stats = pages_repo.unit_from_rows(rows[0]) if rows else None
+    ) -> dict[str, Any]:
         top: list[dict[str, Any]] = []
         samples: list[tuple[float | None, dict[str, Any]]] = []
-        if len(rows) > 1:
-            top_rows = [r for r in rows[1] if r[0] == 0][: self.top_k]
-            sample_rows = [r for r in rows[1] if r[0] == 1]
+        if examples:
+            top_rows = [r for r in examples if r[0] == 0][: self.top_k]
+            sample_rows = [r for r in examples if r[0] == 1]
             decoded = _example_dicts(reads, top_rows + sample_rows)
             top = [d for _, d in decoded[: len(top_rows)]]
             samples = decoded[len(top_rows) :]
@@ -542,7 +615,7 @@ class _UnitPage:
             ),
             "interval_mode": mode,
         }
-        return stats, page
+        return page
 
 
 # -- one latent ----------------------------------------------------------------------------------
@@ -561,13 +634,12 @@ def _parent_brief(
     explanations: dict[tuple[int, int], list[ExplanationRow]],
 ) -> dict[str, Any]:
     part = reads.part(key[0])
-    row = int(part.rows([key[1]])[0]) if part is not None else -1
     return {
         "kind": kind,
         "head": head,
         "index": within,
         "flat_index": key[1],
-        "stats": _summary_stats(part, row),
+        "stats": _record_stats(part.records([key[1]])[0] if part is not None else None),
         "explanations": [explanation_dict(e) for e in explanations.get(key, [])],
     }
 
@@ -618,7 +690,7 @@ def _logit_effects(s: UnitRow | None) -> dict[str, Any] | None:
 
 @_current_sae
 def latent_detail(
-    session: Session,
+    session: Session | RawReader,
     sae: SaeLike | str,
     index: int,
     *,
@@ -648,10 +720,8 @@ def latent_detail(
     known = {index, *row, *col, *(summaries.neighbours_of(index) if summaries else ())}
     units = [*((latent, x) for x in known), *parents.values()]
     unit = _UnitPage(latent, index, top_k, intervals)
-    mine = unit.statements(reads)
-    rows = reads.fetch([*mine, pages_repo.explanations_statement(ref.id, units)])
-    expl = pages_repo.explanations_from_rows(rows[-1])
-    own, out = unit.build(reads, rows[:-1], expl.get((latent, index), []), mode, per_interval)
+    own, examples, expl = reads.fetch_unit(unit, units)
+    out = unit.build(reads, own, examples, expl.get((latent, index), []), mode, per_interval)
     neighbours = _neighbour_pairs(ref, own)
     missing = {x for x, _ in neighbours} - known
     if missing:  # the cached neighbours did not list them all (not for a finished harvest)
@@ -710,7 +780,7 @@ def _check_head(sae: SaeLike, head: int) -> None:
 
 @_current_sae
 def parent_detail(
-    session: Session,
+    session: Session | RawReader,
     sae: SaeLike | str,
     kind: ParentKind,
     head: int,
@@ -740,9 +810,8 @@ def parent_detail(
     latent = int(UnitKind.LATENT)
     unit = _UnitPage(unit_kind, flat, top_k, intervals)
     units = [(unit_kind, flat), *((latent, c) for c in children)]
-    rows = reads.fetch([*unit.statements(reads), pages_repo.explanations_statement(ref.id, units)])
-    expl = pages_repo.explanations_from_rows(rows[-1])
-    _, out = unit.build(reads, rows[:-1], expl.get((unit_kind, flat), []), mode, per_interval)
+    stats, examples, expl = reads.fetch_unit(unit, units)
+    out = unit.build(reads, stats, examples, expl.get((unit_kind, flat), []), mode, per_interval)
     out.update(
         sae=ref.slug,
         kind=kind,
@@ -755,7 +824,7 @@ def parent_detail(
 
 
 @_current_sae
-def head_grid(session: Session, sae: SaeLike | str, head: int) -> dict[str, Any]:
+def head_grid(session: Session | RawReader, sae: SaeLike | str, head: int) -> dict[str, Any]:
     reads = _Reads.open(session, sae)
     ref = reads.sae
     _check_head(ref, head)

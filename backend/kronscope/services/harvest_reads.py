@@ -133,15 +133,36 @@ class KindSummary:
         self.max_value = columns["max_value"][order].astype(np.float64)
         self.both_parents_active = columns["both_parents_active"][order].astype(np.float64)
         self.kept_count = columns["kept_count"][order].astype(np.float64)
+        self.table = np.column_stack(
+            [self.n_active.astype(np.float64), self.frequency, self.mean_value, self.max_value,
+             self.both_parents_active, self.kept_count]
+        ).reshape(len(self.index), len(self.COLUMNS))  # fmt: skip
+        """The columns side by side (``COLUMNS`` order, counts as floats): a page reads
+        the units it shows as one gather instead of one per column."""
+        n = len(self.index)
+        self.dense = n == 0 or (int(self.index[0]) == 0 and int(self.index[-1]) == n - 1)
+        """Every unit 0..n-1 has statistics (the usual case): a unit's row is its index."""
         self._orders: dict[tuple[str, bool], np.ndarray] = {}
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.index)
 
+    def records(self, indices: Sequence[int]) -> list[list[float] | None]:
+        """Each unit's ``COLUMNS`` values (None where the harvest has no statistics)."""
+        rows = self.rows(indices)
+        if not len(rows):
+            return []
+        if not len(self.index):
+            return [None] * len(rows)
+        values = self.table[np.maximum(rows, 0)].tolist()
+        return [v if r >= 0 else None for v, r in zip(values, rows.tolist(), strict=True)]
+
     def rows(self, indices: Sequence[int]) -> np.ndarray:
         """Row of each unit index (-1 where the harvest has no statistics for it)."""
         want = np.asarray(indices, dtype=np.int64)
+        if self.dense:
+            return np.where((want >= 0) & (want < len(self.index)), want, -1)
         pos = np.searchsorted(self.index, want)
         pos = np.minimum(pos, max(len(self.index) - 1, 0))
         found = (self.index[pos] == want) if len(self.index) else np.zeros(len(want), bool)
@@ -304,10 +325,13 @@ def vocabulary(reader: RawReader, key: HarvestKey) -> dict[int, str]:
 
 def context_tokens(
     key: HarvestKey, context_id: int, token_ids: bytes, vocab: dict[int, str]
-) -> list[str]:
+) -> tuple[str, ...]:
     """A context's token strings (ids the harvest did not store show as ``<id>``)."""
+    found = _contexts.peek((key, context_id)) if key[2] is not None else None
+    if found is not None:
+        return found  # type: ignore[no-any-return]
 
-    def decode() -> list[str]:
-        return [vocab.get(t, f"<{t}>") for t in unpack_i32(token_ids).tolist()]
+    def decode() -> tuple[str, ...]:
+        return tuple(vocab.get(t, f"<{t}>") for t in unpack_i32(bytes(token_ids)).tolist())
 
     return _contexts.get_or_make((key, int(context_id)), decode, cache=key[2] is not None)

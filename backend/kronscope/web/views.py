@@ -156,8 +156,8 @@ def example_view(
     after: int = WINDOW_AFTER,
 ) -> dict[str, Any]:
     """An example as a window of shaded tokens around its maximum (or its sampled token)."""
-    tokens: list[str] = example["tokens"]
-    values: list[float] = example["values"]
+    tokens: Sequence[str] = example["tokens"]
+    values: Sequence[float] = example["values"]  # a float64 array from services.features
     max_pos = int(example["max_pos"])
     sample_pos = example.get("sample_pos")
     centre = int(sample_pos) if sample_pos is not None else max_pos
