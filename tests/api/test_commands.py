@@ -68,12 +68,19 @@ def test_serve_shares_the_cores_among_workers(
 
     import uvicorn
 
+    from kronscope import serving
+
     seen: dict[str, Any] = {}
 
     def fake_run(*args: Any, **kwargs: Any) -> None:
         seen.update(kwargs, threads=os.environ.get("KRONSCOPE_PAGE_THREADS"))
 
+    def fake_serve(n: int, host: str, port: int, options: dict[str, Any]) -> int:
+        seen.update(options, workers=n, threads=os.environ.get("KRONSCOPE_PAGE_THREADS"))
+        return 0
+
     monkeypatch.setattr(uvicorn, "run", fake_run)
+    monkeypatch.setattr(serving, "serve", fake_serve)
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
     monkeypatch.setenv("KRONSCOPE_DATABASE_URL", "postgresql+psycopg://nobody@127.0.0.1:1/none")
     # set first, so that whatever serve writes into the environment is undone afterwards

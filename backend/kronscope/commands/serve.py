@@ -29,6 +29,7 @@ def register(app: typer.Typer) -> None:
 
         import uvicorn
 
+        from .. import serving as reuse_port
         from ..config import Settings
 
         if no_jobs:
@@ -43,6 +44,9 @@ def register(app: typer.Typer) -> None:
             # 2 x 2).
             threads = min(settings.page_threads, max(1, (os.cpu_count() or 1) // workers))
             os.environ["KRONSCOPE_PAGE_THREADS"] = str(threads)
+        if workers > 1 and reuse_port.supported():
+            options = {"log_level": log_level, "access_log": access_log}
+            raise typer.Exit(reuse_port.serve(workers, host, port, options))
         uvicorn.run(
             "kronscope.app:create_app",
             factory=True,
