@@ -680,7 +680,7 @@ class Harvester:
 
         def rows_of(unit: Tensor, ctx: Tensor) -> Tensor:
             return torch.from_numpy(
-                kernels.sparse_rows(vn, inn, valid_n, L, unit.numpy(), ctx.numpy())
+                kernels.sparse_rows(vn, inn, valid_n, L, unit.numpy(), ctx.numpy(), F)
             )
 
         if tu.numel():

@@ -79,9 +79,8 @@ def dense_pass(
     groups = U // group
     n_ext = group - m
     for g in prange(groups):
-        # two interleaved histograms: runs of zeros all hit bin 0, and one counter
-        # would make every increment wait for the previous one
-        local = np.zeros((2, bins), np.int64)
+        local = np.zeros(4 * bins, np.int32)
+        codes = np.empty(T, np.int32)
         for r in range(group):
             u = g * group + r
             row = a[u]
@@ -107,18 +106,18 @@ def dense_pass(
                         top_key[u, nt] = tk
                         top_c[u, nt] = c
                         nt += 1
-            # bin codes of every value; zeros and negatives land in bin 0 and are taken
-            # out again below (there are T - count of them)
-            for t in range(0, T - 1, 2):
-                local[0, min(max(brow[t] >> shift, code_lo), code_hi) - code_lo] += 1
-                local[1, min(max(brow[t + 1] >> shift, code_lo), code_hi) - code_lo] += 1
-            if T % 2:
-                local[0, min(max(brow[T - 1] >> shift, code_lo), code_hi) - code_lo] += 1
-            local[0, 0] -= T - count
+            # bin codes of every value (a vectorised pass), then the increments, spread
+            # over four copies of the bins: zeros and negatives all land in bin 0 and are
+            # taken out again below (T - count of them), and with one copy every
+            # increment of that bin would wait for the previous one
+            for t in range(T):
+                codes[t] = min(max(brow[t] >> shift, code_lo), code_hi) - code_lo + (t & 3) * bins
+            for t in range(T):
+                local[codes[t]] += 1
+            local[0] -= T - count
             for i in range(bins):
-                hist[u, i] += local[0, i] + local[1, i]
-                local[0, i] = 0
-                local[1, i] = 0
+                hist[u, i] += local[i] + local[bins + i] + local[2 * bins + i] + local[3 * bins + i]
+            local[:] = 0
             # reservoir candidates: after the first batches a key rarely beats the floor,
             # so the test on the key comes first
             beat = sample_floor[u]
@@ -268,24 +267,50 @@ def sparse_rows(
     L: int,
     unit: np.ndarray,
     c: np.ndarray,
+    n_units: int,
 ) -> np.ndarray:
     """Per-token values [E, L] of sparse units ``unit`` [E] in chunk contexts ``c`` [E]
-    (0 where the unit is not active, or the token not valid)."""
+    (0 where the unit is not active, or the token not valid): each context's entries are
+    read once, whatever the number of rows wanted from it."""
     E = unit.shape[0]
-    kk = values.shape[1]
+    T, kk = values.shape
+    C = T // L
     out = np.zeros((E, L), np.float32)
-    for e in range(E):
-        u = unit[e]
+    # rows wanted per context, as linked lists (first[c], then following next_row)
+    first = np.full(C, -1, np.int64)
+    next_row = np.empty(E, np.int64)
+    for e in range(E - 1, -1, -1):
+        next_row[e] = first[c[e]]
+        first[c[e]] = e
+    row_of = np.full(n_units, -1, np.int64)  # unit -> its row for the current context
+    same_as = np.full(E, -1, np.int64)  # a row asked for twice: the first one asked
+    for cc in range(C):
+        e = first[cc]
+        if e < 0:
+            continue
+        while e >= 0:
+            if row_of[unit[e]] >= 0:
+                same_as[e] = row_of[unit[e]]
+            else:
+                row_of[unit[e]] = e
+            e = next_row[e]
         for pos in range(L):
-            t = c[e] * L + pos
+            t = cc * L + pos
             if not valid[t]:
                 continue
             for j in range(kk):
-                if indices[t, j] == u:
-                    v = values[t, j]
-                    if v > 0:
-                        out[e, pos] = v
-                    break
+                v = values[t, j]
+                if v > 0:
+                    r = row_of[indices[t, j]]
+                    if r >= 0:
+                        out[r, pos] = v
+        e = first[cc]
+        while e >= 0:
+            row_of[unit[e]] = -1
+            e = next_row[e]
+    for e in range(E):
+        if same_as[e] >= 0:
+            out[e] = out[same_as[e]]
     return out
 
 
