@@ -91,14 +91,20 @@ def dense_pass(
             tf = top_floor[u]
             nt = 0
             for c in range(C):
-                cmax = 0  # bits of the context's largest positive value (0: none)
-                for t in range(c * L, c * L + L):
-                    v = row[t]
-                    b = brow[t]
-                    pos = v > 0
-                    count += pos
-                    s += v if pos else 0.0
-                    cmax = max(cmax, b)
+                # a slice per context and a loop from 0: numba then vectorises the loop
+                # (indexing the row from c * L, it did not)
+                seg = row[c * L : (c + 1) * L]
+                bseg = brow[c * L : (c + 1) * L]
+                cmax = np.int32(0)  # bits of the context's largest positive value (0: none)
+                n_c = np.int32(0)
+                s_c = np.float32(0.0)
+                for t in range(L):
+                    v = seg[t]
+                    n_c += np.int32(v > 0)
+                    s_c += max(v, np.float32(0.0))
+                    cmax = max(cmax, bseg[t])
+                count += n_c
+                s += s_c
                 if cmax > 0:
                     mxb = max(mxb, cmax)
                     tk = np.int64(cmax) * TWO32 + (TWO32 - 1 - ctx[c])
