@@ -114,3 +114,31 @@ def test_fused_required_without_numba(monkeypatch):
     assert not Harvester(sae, None, PARAMS, ctx_len=L).fused  # type: ignore[arg-type]
     with pytest.raises(HarvestError, match="numba"):
         Harvester(sae, None, PARAMS, ctx_len=L, fused=True)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("with_pos", [False, True])
+def test_offer_merge_equals_keyed_top(with_pos):
+    """The kernel's merge against ``KeyedTop.offer`` over rounds of random candidates:
+    few per unit, none for some units, and more than its insertion sort takes."""
+    from kronscope.harvest.streaming import KeyedTop
+
+    U, K, length = 6, 4, 3
+    h = Harvester(tiny_sae("topk"), None, PARAMS, ctx_len=L, fused=True)  # type: ignore[arg-type]
+    ref, got = KeyedTop(U, K, length), KeyedTop(U, K, length)
+    gen = torch.Generator().manual_seed(11)
+    used = torch.randperm(1 << 20, generator=gen)  # unique keys across all rounds
+    taken = 0
+    for n in (3, 10, 0, 200, 7, 50, 1, 300):
+        unit = torch.randint(0, U, (n,), generator=gen)
+        if n == 200:
+            unit[:] = 2  # one unit with very many candidates
+        key = used[taken : taken + n].to(torch.int64) - (1 << 19)
+        taken += n
+        ctx = torch.randint(0, 1000, (n,), generator=gen)
+        table = torch.randn(n, length, generator=gen)
+        pos = torch.randint(0, length, (n,), generator=gen) if with_pos else None
+        value = torch.randn(n, generator=gen) if with_pos else None
+        ref.offer(unit, key, ctx, value, lambda ids, t=table: t[ids], pos)
+        h._offer(got, unit, key, ctx, value, lambda ids, t=table: t[ids], pos)
+        for name in KeyedTop.FIELDS:
+            assert torch.equal(getattr(got, name), getattr(ref, name)), (n, name)

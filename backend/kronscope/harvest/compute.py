@@ -17,6 +17,11 @@ key beats the unit's current K-th key) for the reservoir, and for KronSAE the
 both-parents-active counts via one batched matmul of the parent masks per head.
 Special tokens and padding are zeroed before anything looks at the values: they never
 count.
+
+On CPU with numba installed, this bookkeeping runs in the one-pass kernels of
+:mod:`~kronscope.harvest.fused` (each value read once, the top-k merges in loops over the
+touched rows); the torch ops below stay as the path without numba and as the reference the
+kernels are tested against (the same state, entry for entry).
 """
 
 from __future__ import annotations
@@ -121,7 +126,8 @@ def kron_topk_t(
     else:
         bound = p.amax(1) * q.amax(1)  # [h, T]; parents are >= 0
     kh = min(k, h)
-    heads = bound.t().topk(kh, dim=1, sorted=False).indices  # [T, kh]
+    # topk along contiguous rows: the copy costs less than the strided reads it saves
+    heads = bound.t().contiguous().topk(kh, dim=1, sorted=False).indices  # [T, kh]
     tt = torch.arange(T, device=a.device).unsqueeze(1)
     ps, qs = p[heads, :, tt], q[heads, :, tt]  # [T, kh, m], [T, kh, n]
     pairs = (ps.unsqueeze(-1) * qs.unsqueeze(-2)).reshape(T, kh * m * n)

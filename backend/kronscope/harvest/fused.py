@@ -373,8 +373,14 @@ def keyed_merge(
         lo, hi = count[u], count[u + 1]
         if lo == hi:
             continue
-        # this unit's candidates, key descending (insertion sort: usually a few)
+        # this unit's candidates, key descending (keys are unique per unit): an insertion
+        # sort for the usual few, a real sort for the many of the first batches
         cands = order[lo:hi]
+        if hi - lo > 64:
+            ck = np.empty(hi - lo, np.int64)
+            for i in range(hi - lo):
+                ck[i] = key[cands[i]]
+            cands[:] = cands[np.argsort(ck)[::-1]]
         for i in range(1, hi - lo):
             e = cands[i]
             j = i
@@ -382,17 +388,24 @@ def keyed_merge(
                 cands[j] = cands[j - 1]
                 j -= 1
             cands[j] = e
-        for r in range(K):
-            old_key[r] = keys[u, r]
-            old_ctx[r] = ctx[u, r]
-            old_pos[r] = pos[u, r]
-            old_value[r] = value[u, r]
-            old_slot[r] = slot[u, r]
-        i = 0  # next old entry
+        # ranks above the first one a candidate takes stay as they are (once a row is
+        # full, a new entry usually lands near its end)
+        best = key[cands[0]]
+        r0 = K - 1
+        while r0 > 0 and keys[u, r0 - 1] < best:
+            r0 -= 1
+        w = K - r0
+        for r in range(w):
+            old_key[r] = keys[u, r0 + r]
+            old_ctx[r] = ctx[u, r0 + r]
+            old_pos[r] = pos[u, r0 + r]
+            old_value[r] = value[u, r0 + r]
+            old_slot[r] = slot[u, r0 + r]
+        i = 0  # next old entry (from rank r0)
         j = 0  # next candidate
         fresh = 0
         n_c = hi - lo
-        for r in range(K):
+        for r in range(r0, K):
             if j < n_c and key[cands[j]] > old_key[i]:
                 e = cands[j]
                 j += 1
@@ -412,7 +425,7 @@ def keyed_merge(
                 value[u, r] = old_value[i]
                 slot[u, r] = old_slot[i]
                 i += 1
-        # the new entries take the dropped entries' slots (old ranks i.., in order)
+        # the new entries take the dropped entries' slots (the old row's tail, in order)
         d = i
         for f in range(nf - fresh, nf):
             slot[u, f_rank[f]] = old_slot[d]
