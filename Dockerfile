@@ -9,11 +9,14 @@ FROM python:3.11-slim
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG TORCH_VERSION=2.13.0
 
+# NUMBA_CACHE_DIR: numba caches the harvest's compiled kernels next to their source by
+# default, which the unprivileged user cannot write.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    KRONSCOPE_DATA_DIR=/data
+    KRONSCOPE_DATA_DIR=/data \
+    NUMBA_CACHE_DIR=/tmp/numba-cache
 
 WORKDIR /app
 

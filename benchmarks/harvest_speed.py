@@ -8,11 +8,16 @@ state), interleaved batch by batch so that load from other processes hits both a
 and prints tokens/s of both, their ratio and the peak RSS. The first child also writes
 the result to a scratch PostgreSQL database and prints rows/s.
 
+The harvest's bookkeeping runs in the fused numba kernels when numba is installed (the
+default) or in torch ops (``--torch-path``); each line says which. The kernels are compiled
+(or loaded from numba's cache) before the timed pass, and that time is printed apart.
+
 Goals: harvest within 1.2x of the bare prefix time; the same peak memory at 100k and
 400k tokens (the state does not grow with the corpus).
 
     python benchmarks/harvest_speed.py                      # 100k and 400k tokens
     python benchmarks/harvest_speed.py --tokens 8192 16384  # a quick run
+    python benchmarks/harvest_speed.py --torch-path         # the torch ops, for comparison
 """
 
 from __future__ import annotations
@@ -44,6 +49,11 @@ def parse() -> argparse.Namespace:
     p.add_argument("--n", type=int, default=4)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--torch-path",
+        action="store_true",
+        help="run the bookkeeping in torch ops, not the fused numba kernels",
+    )
     p.add_argument(
         "--pg-url",
         default=os.environ.get(
@@ -92,8 +102,11 @@ def child(a: argparse.Namespace) -> dict:
         for name in ("input_ids", "attention_mask", "special_mask"):
             setattr(contexts, name, getattr(contexts, name).repeat(reps, 1)[:n_ctx].contiguous())
     params = HarvestParams(batch_size=a.batch_size)
-    harvester = Harvester(sae, model, params, ctx_len=a.ctx_len)
+    harvester = Harvester(
+        sae, model, params, ctx_len=a.ctx_len, fused=False if a.torch_path else None
+    )
     harvester.check(contexts)
+    prepare_s = harvester.prepare()  # JIT compile (or cache load): not part of the timed pass
     state = harvester.new_state()
     rss_before = rss_mb()
     t_prefix = t_harvest = 0.0
@@ -111,6 +124,9 @@ def child(a: argparse.Namespace) -> dict:
     out = {
         "tokens": tokens,
         "threads": torch.get_num_threads(),
+        "path": "fused (numba)" if harvester.fused else "torch",
+        "prepare_s": prepare_s,
+        "compiled": kernel_compiles(harvester.fused),
         "prefix_tok_s": tokens / t_prefix,
         "harvest_tok_s": tokens / t_harvest,
         "ratio": t_harvest / t_prefix,
@@ -120,6 +136,20 @@ def child(a: argparse.Namespace) -> dict:
     }
     if a.write:
         out.update(write_test(a, sae, model, contexts, state, params))
+    return out
+
+
+def kernel_compiles(fused: bool) -> dict[str, int]:
+    """How many fused kernels ``prepare`` compiled, and how many numba loaded from its cache."""
+    if not fused:
+        return {}
+    import kronscope.harvest.fused as kernels
+
+    out = {"compiled": 0, "cached": 0}
+    for name in ("dense_pass", "gather_candidates", "sparse_pass", "sparse_rows", "keyed_merge"):
+        stats = getattr(kernels, name).stats
+        out["compiled"] += sum(stats.cache_misses.values())
+        out["cached"] += sum(stats.cache_hits.values())
     return out
 
 
@@ -185,6 +215,7 @@ def main() -> None:
         "--pg-url",
         a.pg_url,
     ] + (["--threads", str(a.threads)] if a.threads else [])
+    passthrough += ["--torch-path"] if a.torch_path else []
     print(
         f"model {a.model} hook {a.hook}; KronSAE F={a.h * a.m * a.n} (h={a.h}, m={a.m}, n={a.n}, "
         f"k={a.k}); ctx_len {a.ctx_len}, batch {a.batch_size} contexts; corpus {a.corpus}"
@@ -201,6 +232,14 @@ def main() -> None:
             raise SystemExit(f"child for {tokens} tokens failed ({proc.returncode})")
         r = json.loads(line[len("RESULT ") :])
         results.append(r)
+        c = r["compiled"]
+        jit = (
+            f"kernels ready in {r['prepare_s']:.2f} s before the timed pass ({c['compiled']} "
+            f"compiled, {c['cached']} from numba's cache)"
+            if c
+            else "no kernels"
+        )
+        print(f"{r['tokens']:>9,} tokens: bookkeeping path {r['path']}; {jit}", flush=True)
         print(
             f"{r['tokens']:>9,} tokens ({r['threads']} threads): prefix {r['prefix_tok_s']:7.1f} tok/s, "
             f"harvest {r['harvest_tok_s']:7.1f} tok/s, harvest/prefix time {r['ratio']:.3f}x (goal <= 1.2x); "

@@ -17,15 +17,23 @@ key beats the unit's current K-th key) for the reservoir, and for KronSAE the
 both-parents-active counts via one batched matmul of the parent masks per head.
 Special tokens and padding are zeroed before anything looks at the values: they never
 count.
+
+On CPU with numba installed, this bookkeeping runs in the one-pass kernels of
+:mod:`~kronscope.harvest.fused` (each value read once, the top-k merges in loops over the
+touched rows); the torch ops below stay as the path without numba and as the reference the
+kernels are tested against (the same state, entry for entry).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -35,7 +43,17 @@ from .errors import HarvestError
 from .keys import MAX_CONTEXTS, POSITION_BITS, token_keys, top_keys
 from .params import HarvestParams
 from .state import HarvestState, UnitBlock
-from .streaming import RowsFn
+from .streaming import F16_MAX, ROWS_AT_ONCE, KeyedTop, RowsFn
+
+
+def load_fused() -> ModuleType | None:
+    """The numba kernels of :mod:`kronscope.harvest.fused`, or None without numba."""
+    try:
+        from . import fused
+    except ImportError:
+        return None
+    return fused
+
 
 MAX_CANDIDATES = 1 << 19
 """Reservoir candidates handled at once (bounds the memory of the first batches)."""
@@ -108,7 +126,8 @@ def kron_topk_t(
     else:
         bound = p.amax(1) * q.amax(1)  # [h, T]; parents are >= 0
     kh = min(k, h)
-    heads = bound.t().topk(kh, dim=1, sorted=False).indices  # [T, kh]
+    # topk along contiguous rows: the copy costs less than the strided reads it saves
+    heads = bound.t().contiguous().topk(kh, dim=1, sorted=False).indices  # [T, kh]
     tt = torch.arange(T, device=a.device).unsqueeze(1)
     ps, qs = p[heads, :, tt], q[heads, :, tt]  # [T, kh, m], [T, kh, n]
     pairs = (ps.unsqueeze(-1) * qs.unsqueeze(-2)).reshape(T, kh * m * n)
@@ -165,6 +184,7 @@ class Harvester:
         hook_name: str | None = None,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
         bookkeeping_threads: int | None = None,
+        fused: bool | None = None,
     ):
         self.sae = sae
         self.model = model
@@ -190,6 +210,52 @@ class Harvester:
         self._bins = p.hist_bins
         self._col_offsets: dict[int, Tensor] = {}
         self._scratch = _Scratch()
+        # The one-pass numba kernels (CPU only): None = when numba imports, True = required,
+        # False = the torch ops (the reference they are tested against).
+        kernels = None
+        if fused is not False and self.device.type == "cpu":
+            kernels = load_fused()
+        if fused and kernels is None:
+            raise HarvestError(
+                "the fused harvest kernels need numba (pip install numba) and a CPU device"
+            )
+        self._kernels = kernels
+        self._ctx_max_buf = np.zeros(0, np.int32)
+
+    @property
+    def fused(self) -> bool:
+        """Whether the bookkeeping runs in the numba kernels (else in torch ops)."""
+        return self._kernels is not None
+
+    def prepare(self) -> float:
+        """Compile the fused kernels (or load them from numba's cache) on a tiny chunk, so
+        that no batch pays for it. Returns the seconds it took (0 on the torch path)."""
+        if self._kernels is None:
+            return 0.0
+        t0 = time.perf_counter()
+        L, C = 4, 2
+        group, m = self._dense_group()
+        units = max(group, 2)
+        block = UnitBlock.empty("warm-up", units, 2, 2, L, self._bins, self.device)
+        gen = torch.Generator().manual_seed(0)
+        a = torch.rand(units, C * L, generator=gen)
+        index = torch.arange(C, dtype=torch.int64)
+        keys = ~token_keys(0, index, L).reshape(-1)
+        both = torch.zeros(units // group * m * (group - m), dtype=torch.int64) if m else None
+        self._dense_fused(block, a, index, keys, L, both)
+        values = torch.rand(C * L, 2, generator=gen)
+        indices = torch.stack([torch.zeros(C * L), torch.ones(C * L)], 1).to(torch.int64)
+        valid = torch.ones(C * L, dtype=torch.bool)
+        self._sparse_fused(block, values, indices, valid, index, keys, L)
+        return time.perf_counter() - t0
+
+    def _dense_group(self) -> tuple[int, int]:
+        """(rows per group, bases per group) of the dense units for :func:`dense_pass`:
+        a KronSAE head's m + n parents with m bases, else single units."""
+        sae = self.sae
+        if isinstance(sae, KronSAE):
+            return sae.m + sae.n, sae.m
+        return 1, 0
 
     # -- state --------------------------------------------------------------------------
     @property
@@ -295,19 +361,29 @@ class Harvester:
                 a.index_fill_(1, invalid, 0.0)
             with self._bookkeeping():
                 values, indices = kron_topk_t(a, sae.h, sae.m, sae.n, sae.k, sae.composition)
+                if self._kernels is not None:
+                    self._dense_fused(state.parent, a, index, k, L, state.both_parents_active)
+                    self._sparse_fused(state.latent, values, indices, v, index, k, L)
+                    return
                 act = self._dense(state.parent, a, index, k, L, self.parents_nonneg)
                 self._both(state, act, C * L)
                 self._sparse(state.latent, values, indices, v, index, k, L)
         elif isinstance(sae, TopKStyleSAE):
             values, indices = sae.encode(x)
             with self._bookkeeping():
-                self._sparse(state.latent, values, indices, v, index, k, L)
+                if self._kernels is not None:
+                    self._sparse_fused(state.latent, values, indices, v, index, k, L)
+                else:
+                    self._sparse(state.latent, values, indices, v, index, k, L)
         else:
             f = sae.encode_dense(x).to(torch.float32).t().contiguous()  # [F, T]
             if invalid.numel():
                 f.index_fill_(1, invalid, 0.0)
             with self._bookkeeping():
-                self._dense(state.latent, f, index, k, L, True)
+                if self._kernels is not None:
+                    self._dense_fused(state.latent, f, index, k, L, None)
+                else:
+                    self._dense(state.latent, f, index, k, L, True)
 
     @contextmanager
     def _bookkeeping(self) -> Iterator[None]:
@@ -497,3 +573,183 @@ class Harvester:
                 lambda ids: rows_for(su[ids] * C + st[ids] // L),
                 pos=pos[ok],
             )
+
+    # -- the fused path (numba kernels, one pass over the values) ---------------------------
+    def _np(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> np.ndarray:
+        """A reused work buffer as a numpy array (see :class:`_Scratch`)."""
+        return self._scratch.get(name, shape, dtype, torch.device("cpu")).numpy()
+
+    def _dense_fused(
+        self,
+        block: UnitBlock,
+        a: Tensor,
+        index: Tensor,
+        keys: Tensor,
+        L: int,
+        both: Tensor | None,
+    ) -> None:
+        """:meth:`_dense` (and, given ``both``, :meth:`_both`) in one kernel pass over
+        ``a`` [U, T] (float32, contiguous; invalid tokens already zero)."""
+        kernels = self._kernels
+        assert kernels is not None
+        U, T = a.shape
+        C = T // L
+        K = block.sample.k
+        group, m = self._dense_group() if both is not None else (1, 0)
+        an = a.numpy()
+        mo = block.moments
+        top_key = self._np("top_key", (U, C), torch.int64)
+        top_c = self._np("top_c", (U, C), torch.int64)
+        top_n = self._np("top_n", (U,), torch.int64)
+        sample_key = self._np("sample_key", (U, K), torch.int64)
+        sample_t = self._np("sample_t", (U, K), torch.int64)
+        sample_n = self._np("sample_n", (U,), torch.int64)
+        kernels.dense_pass(
+            an,
+            an.view(np.int32),
+            group,
+            m,
+            L,
+            index.numpy(),
+            keys.numpy(),
+            block.top.floor.contiguous().numpy(),
+            block.sample.floor.contiguous().numpy(),
+            self._shift,
+            self._code_lo,
+            mo.n_active.numpy(),
+            mo.total.numpy(),
+            mo.max.numpy().view(np.int32),  # maxima are >= 0: bits order like values
+            mo.hist.numpy(),
+            both.numpy() if both is not None else np.zeros(0, np.int64),
+            top_key,
+            top_c,
+            top_n,
+            sample_key,
+            sample_t,
+            sample_n,
+        )
+        a3 = a.view(U, C, L)
+        u, tk, c = (torch.from_numpy(x) for x in kernels.gather_candidates(top_key, top_c, top_n))
+        if u.numel():
+            self._offer(block.top, u, tk, index[c], None, _dense_rows(a3, u, c))
+        u, sk, t = (
+            torch.from_numpy(x) for x in kernels.gather_candidates(sample_key, sample_t, sample_n)
+        )
+        if u.numel():
+            ctx_of = t // L
+            self._offer(
+                block.sample, u, sk, index[ctx_of], a[u, t], _dense_rows(a3, u, ctx_of), t % L
+            )
+
+    def _sparse_fused(
+        self,
+        block: UnitBlock,
+        values: Tensor,
+        indices: Tensor,
+        valid: Tensor,
+        index: Tensor,
+        keys: Tensor,
+        L: int,
+    ) -> None:
+        """:meth:`_sparse` in one kernel pass over the [T, k] values and indices."""
+        kernels = self._kernels
+        assert kernels is not None
+        F = block.units
+        C = values.shape[0] // L
+        vn = values.to(torch.float32).contiguous().numpy()
+        inn = indices.to(torch.int64).contiguous().numpy()
+        valid_n = valid.contiguous().numpy()
+        mo = block.moments
+        # all zero between calls: the kernel clears what it sets
+        ctx_max = self._sparse_ctx_max(F * C)[: F * C].reshape(F, C)
+        tu, tk, tc, su, st, sj = (
+            torch.from_numpy(x)
+            for x in kernels.sparse_pass(
+                vn,
+                vn.view(np.int32),
+                inn,
+                valid_n,
+                L,
+                index.numpy(),
+                keys.numpy(),
+                block.top.floor.contiguous().numpy(),
+                block.sample.floor.contiguous().numpy(),
+                self._shift,
+                self._code_lo,
+                mo.n_active.numpy(),
+                mo.total.numpy(),
+                mo.max.numpy(),
+                mo.hist.numpy(),
+                ctx_max,
+            )
+        )
+
+        def rows_of(unit: Tensor, ctx: Tensor) -> Tensor:
+            return torch.from_numpy(
+                kernels.sparse_rows(vn, inn, valid_n, L, unit.numpy(), ctx.numpy(), F)
+            )
+
+        if tu.numel():
+            self._offer(block.top, tu, tk, index[tc], None, lambda ids: rows_of(tu[ids], tc[ids]))
+        if su.numel():
+            self._offer(
+                block.sample,
+                su,
+                keys[st],
+                index[st // L],
+                torch.from_numpy(vn)[st, sj],
+                lambda ids: rows_of(su[ids], st[ids] // L),
+                st % L,
+            )
+
+    def _offer(
+        self,
+        top: KeyedTop,
+        unit: Tensor,
+        key: Tensor,
+        ctx: Tensor,
+        value: Tensor | None,
+        rows: RowsFn,
+        pos: Tensor | None = None,
+    ) -> None:
+        """:meth:`KeyedTop.offer` with the merge in a kernel (same arguments, same result:
+        a few loops over the touched rows instead of some forty torch ops over them)."""
+        kernels = self._kernels
+        assert kernels is not None
+        E = unit.numel()
+        cand_pos = torch.zeros(E, dtype=torch.int32) if pos is None else pos.to(torch.int32)
+        cand_value = (
+            torch.zeros(E, dtype=torch.float32) if value is None else value.to(torch.float32)
+        )
+        fu, fr, fs, fid = (
+            torch.from_numpy(x)
+            for x in kernels.keyed_merge(
+                top.keys.numpy(),
+                top.ctx.numpy(),
+                top.pos.numpy(),
+                top.value.numpy(),
+                top.slot.numpy(),
+                unit.to(torch.int64).contiguous().numpy(),
+                key.contiguous().numpy(),
+                ctx.to(torch.int64).contiguous().numpy(),
+                cand_pos.contiguous().numpy(),
+                cand_value.contiguous().numpy(),
+            )
+        )
+        for lo in range(0, len(fid), ROWS_AT_ONCE):  # bounded memory in the first batches
+            part = slice(lo, lo + ROWS_AT_ONCE)
+            u, r = fu[part], fr[part]
+            values_rows = rows(fid[part]).to(torch.float32)
+            if pos is None:  # top contexts: the first position of the row's maximum
+                p = values_rows.argmax(1)
+                top.pos[u, r] = p.to(torch.int32)
+                top.value[u, r] = values_rows.gather(1, p.unsqueeze(1)).squeeze(1)
+            top.tokens[u, fs[part]] = values_rows.clamp_(-F16_MAX, F16_MAX).to(torch.float16)
+
+    def _sparse_ctx_max(self, size: int) -> np.ndarray:
+        """[size] int32 scratch, all zero (the kernel leaves it so)."""
+        buf = self._ctx_max_buf
+        if buf.shape[0] < size:
+            buf = np.zeros(size, np.int32)
+            self._ctx_max_buf = buf
+        return buf

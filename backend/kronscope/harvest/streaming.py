@@ -126,8 +126,13 @@ class KeyedTop:
         cand_id = torch.full((nt, width), -1, dtype=torch.int64, device=dev)
         cand_id[row, rank] = cand
 
-        top = torch.cat([self.keys[touched], cand_key], 1).topk(k, dim=1)  # sorted
-        src = top.indices
+        # A stable sort, not topk: of equal keys (only ``EMPTY`` ones: real keys are unique
+        # per unit) the old entry ranks first, so the result, slots included, is defined
+        # (the fused path's merge, ``fused.keyed_merge``, follows the same rule).
+        top_values, src = torch.sort(
+            torch.cat([self.keys[touched], cand_key], 1), dim=1, descending=True, stable=True
+        )
+        top_values, src = top_values[:, :k], src[:, :k]
         from_old = src < k
         old_at = src.clamp(max=k - 1)
         new_id = torch.where(from_old, -1, cand_id.gather(1, (src - k).clamp(min=0)))
@@ -166,11 +171,11 @@ class KeyedTop:
                     torch.float16
                 )
         # Empty candidate entries that won (only while a row is not full) stay empty.
-        empty = top.values == EMPTY
+        empty = top_values == EMPTY
         ctx_new[empty] = -1
         pos_new[empty] = 0
         val_new[empty] = 0.0
-        self.keys[touched] = top.values
+        self.keys[touched] = top_values
         self.ctx[touched] = ctx_new
         self.pos[touched] = pos_new
         self.value[touched] = val_new
