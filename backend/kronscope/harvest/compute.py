@@ -43,7 +43,7 @@ from .errors import HarvestError
 from .keys import MAX_CONTEXTS, POSITION_BITS, token_keys, top_keys
 from .params import HarvestParams
 from .state import HarvestState, UnitBlock
-from .streaming import F16_MAX, ROWS_AT_ONCE, KeyedTop, RowsFn
+from .streaming import ROWS_AT_ONCE, KeyedTop, RowsFn, row_f16, row_peak
 
 
 def load_fused() -> ModuleType | None:
@@ -741,10 +741,8 @@ class Harvester:
             u, r = fu[part], fr[part]
             values_rows = rows(fid[part]).to(torch.float32)
             if pos is None:  # top contexts: the first position of the row's maximum
-                p = values_rows.argmax(1)
-                top.pos[u, r] = p.to(torch.int32)
-                top.value[u, r] = values_rows.gather(1, p.unsqueeze(1)).squeeze(1)
-            top.tokens[u, fs[part]] = values_rows.clamp_(-F16_MAX, F16_MAX).to(torch.float16)
+                top.pos[u, r], top.value[u, r] = row_peak(values_rows)
+            top.tokens[u, fs[part]] = row_f16(values_rows)
 
     def _sparse_ctx_max(self, size: int) -> np.ndarray:
         """[size] int32 scratch, all zero (the kernel leaves it so)."""

@@ -31,6 +31,19 @@ RowsFn = Callable[[Tensor], Tensor]
 context: [E] -> [E, L] float32."""
 
 
+def row_peak(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """[E, L] float32 per-token values -> each row's first maximum: (position int32, value)
+    (a top context's entry)."""
+    p = rows.argmax(1)
+    return p.to(torch.int32), rows.gather(1, p.unsqueeze(1)).squeeze(1)
+
+
+def row_f16(rows: Tensor) -> Tensor:
+    """[E, L] float32 -> float16 (2 bytes a token), clipped as ``codec.pack_f16`` does:
+    never inf. Clips ``rows`` in place."""
+    return rows.clamp_(-F16_MAX, F16_MAX).to(torch.float16)
+
+
 class KeyedTop:
     """The K largest keys per unit, with payload (see the module docstring).
 
@@ -163,13 +176,8 @@ class KeyedTop:
                 rp, cp = r[part], c[part]
                 values_rows = rows(ids[part]).to(torch.float32)
                 if pos is None:
-                    p = values_rows.argmax(1)
-                    pos_new[rp, cp] = p.to(torch.int32)
-                    val_new[rp, cp] = values_rows.gather(1, p.unsqueeze(1)).squeeze(1)
-                # float16 keeps 2 bytes a token; clip (as ``codec.pack_f16`` does), never inf.
-                self.tokens[touched[rp], slot[rp, cp]] = values_rows.clamp_(-F16_MAX, F16_MAX).to(
-                    torch.float16
-                )
+                    pos_new[rp, cp], val_new[rp, cp] = row_peak(values_rows)
+                self.tokens[touched[rp], slot[rp, cp]] = row_f16(values_rows)
         # Empty candidate entries that won (only while a row is not full) stay empty.
         empty = top_values == EMPTY
         ctx_new[empty] = -1
