@@ -10,6 +10,7 @@ chunk in float32, the kernel in float64).
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from harvest_ref import TINY_D, tiny_sae
@@ -17,6 +18,7 @@ from harvest_ref import TINY_D, tiny_sae
 from kronscope.harvest import Harvester, HarvestError, HarvestParams
 from kronscope.harvest.compute import load_fused
 from kronscope.harvest.state import HarvestState
+from kronscope.harvest.streaming import row_peak
 
 pytestmark = pytest.mark.skipif(load_fused() is None, reason="numba is not installed")
 
@@ -24,6 +26,8 @@ L = 8
 PARAMS = HarvestParams(examples=3, samples=4, batch_size=6, seed=5)
 CASES = [
     ("kronsae", {}),
+    ("kronsae", {"h": 16, "d_sae": 128, "k": 3}),  # k < h: the TopK picks heads
+    ("kronsae", {"h": 16, "d_sae": 128, "k": 3, "composition": "relu_product"}),
     ("kronsae", {"composition": "product"}),
     ("topk", {}),
     ("jumprelu", {}),
@@ -135,10 +139,126 @@ def test_offer_merge_equals_keyed_top(with_pos):
         key = used[taken : taken + n].to(torch.int64) - (1 << 19)
         taken += n
         ctx = torch.randint(0, 1000, (n,), generator=gen)
-        table = torch.randn(n, length, generator=gen)
+        # values float16 clips (1e5), rounds to subnormals (1e-6) or to zero (1e-9)
+        scale = torch.tensor([1.0, 1e5, 1e-6, 1e-9])[
+            torch.randint(0, 4, (n, length), generator=gen)
+        ]
+        table = torch.randn(n, length, generator=gen) * scale
         pos = torch.randint(0, length, (n,), generator=gen) if with_pos else None
         value = torch.randn(n, generator=gen) if with_pos else None
         ref.offer(unit, key, ctx, value, lambda ids, t=table: t[ids], pos)
-        h._offer(got, unit, key, ctx, value, lambda ids, t=table: t[ids], pos)
+        h._offer(got, unit, key, ctx, value, h._put_rows(table, clamp=False)(torch.arange(n)), pos)
         for name in KeyedTop.FIELDS:
             assert torch.equal(getattr(got, name), getattr(ref, name)), (n, name)
+
+
+@pytest.mark.parametrize("composition", ["mand", "relu_product"])
+@pytest.mark.parametrize(
+    ("h", "m", "n", "k", "T"), [(64, 2, 4, 8, 100), (7, 3, 2, 12, 33), (5, 1, 1, 5, 16)]
+)
+def test_kron_topk_kernel_equals_torch(composition, h, m, n, k, T):
+    """The kernel's TopK against ``kron_topk_t`` and against the SAE's own ``encode`` on
+    raw pre-activations (the kernel applies the ReLU): the same latents, the same values
+    in the same order (random values: no ties)."""
+    from kronscope.harvest.compute import kron_topk_t
+    from kronscope.sae.kronsae import safe_sqrt
+
+    kernels = load_fused()
+    gen = torch.Generator().manual_seed(h + k)
+    a = torch.randn(h * (m + n), T, generator=gen)
+    a[:, 0] = -1.0  # a token with no active parent: every bound and value is zero
+    bound = np.zeros((h, T), np.float32)
+    _dense_bound(kernels, a, m, n, bound)
+    av = a.relu().view(h, m + n, T)
+    ref_bound = av[:, :m].amax(1) * av[:, m:].amax(1)
+    assert torch.equal(torch.from_numpy(bound), ref_bound)
+    values = np.zeros((T, k), np.float32)
+    indices = np.zeros((T, k), np.int64)
+    kernels.kron_topk(a.numpy(), bound, m, n, values, indices)
+    got_v = torch.from_numpy(values)
+    got_v = safe_sqrt(got_v) if composition == "mand" else got_v
+    ref_v, ref_i = kron_topk_t(a.relu(), h, m, n, k, composition)
+    assert torch.equal(got_v, ref_v)
+    live = ref_v[1:] > 0  # zero values: inactive, which latents is open (torch: any)
+    assert torch.equal(torch.from_numpy(indices)[1:][live], ref_i[1:][live])
+    assert int(live.sum()) >= T  # the case is not trivial
+
+
+def _dense_bound(kernels, a: torch.Tensor, m: int, n: int, bound: np.ndarray) -> None:
+    """Run ``dense_pass`` on parents ``a`` for its bounds alone (throwaway state)."""
+    U, T = a.shape
+    L = T
+    z64 = lambda *shape: np.zeros(shape, np.int64)  # noqa: E731
+    kernels.dense_pass(
+        a.numpy(),
+        a.numpy().view(np.int32),
+        m + n,
+        m,
+        L,
+        z64(1),
+        z64(T),
+        np.full(U, 1 << 62),
+        np.full(U, 1 << 62),
+        20,
+        0,
+        z64(U),
+        np.zeros(U, np.float64),
+        np.zeros(U, np.int32),
+        np.zeros((U, 4), np.int32),
+        z64(U // (m + n) * m * n),
+        bound,
+        z64(U, 1),
+        z64(U, 1),
+        z64(U),
+        z64(U, 2),
+        z64(U, 2),
+        z64(U),
+    )
+
+
+def test_kron_topk_ties_go_to_the_lower_index():
+    """Equal bounds: the lower head; equal pairs: the lower latent."""
+    kernels = load_fused()
+    h, m, n, T = 4, 1, 2, 1
+    # heads 1 and 3 tie on the bound (2 * 3); head 0 lower, head 2 higher; in head 2 the
+    # two pairs tie (1 * 4 and 1 * 4)
+    a = torch.tensor([[1.0, 1.0, 1.0], [2.0, 3.0, 1.0], [1.0, 4.0, 4.0], [3.0, 2.0, 1.0]])
+    a = a.reshape(h * (m + n), T)
+    bound = np.zeros((h, T), np.float32)
+    _dense_bound(kernels, a, m, n, bound)
+    values = np.zeros((T, 3), np.float32)
+    indices = np.zeros((T, 3), np.int64)
+    kernels.kron_topk(a.numpy(), bound, m, n, values, indices)
+    # k = 3 < h: heads 2, 1, 3 (1 before 3); latents of head g are 2g, 2g + 1
+    assert values[0].tolist() == [6.0, 6.0, 4.0]
+    assert indices[0].tolist() == [2, 6, 4]
+
+
+def test_put_rows_float16_equals_torch():
+    """The kernels' float16 conversion against torch's (clipped as ``codec.pack_f16``):
+    every bit pattern around each rounding boundary, both signs, and a million random
+    ones; with ``clamp``, values <= 0 (and -0.0) are stored as +0. (Checked once over
+    every finite float32 too: no difference.)"""
+    kernels = load_fused()
+    gen = np.random.default_rng(0)
+    edges = [0, 0x33000000, 0x38800000, 0x477FE000, 0x47800000, 0x7F7FFFFF]
+    edges += [0x38800000 - (1 << s) for s in range(24)]  # the subnormal range's steps
+    near = np.concatenate([np.arange(e - 4200, e + 4200) for e in edges])
+    bits = np.concatenate([near, gen.integers(0, 0x7F800000, 1_000_000)]).clip(0, 0x7F7FFFFF)
+    bits = np.concatenate([bits, bits | 0x80000000]).astype(np.uint32).view(np.int32)
+    bits = bits[: bits.shape[0] // 64 * 64]
+    src = bits.view(np.float32).reshape(-1, 64)  # rows of 64 values
+    R = src.shape[0]
+    ids = np.arange(R)
+    ref = torch.from_numpy(src.copy()).clamp(-65504, 65504).to(torch.float16)
+    for clamp in (False, True):
+        out = np.zeros((R, 1, 64), np.uint16)
+        pos = np.zeros((R, 1), np.int32)
+        value = np.zeros((R, 1), np.float32)
+        z = np.zeros(R, np.int64)
+        kernels.put_rows(src, ids, clamp, ids, z, z, out, pos, value, True)
+        want = torch.where(torch.from_numpy(src) > 0, ref, 0.0).to(torch.float16) if clamp else ref
+        assert np.array_equal(out[:, 0], want.view(torch.int16).numpy().view(np.uint16))
+        raw = torch.from_numpy(src.copy())
+        p, v = row_peak(torch.where(raw > 0, raw, 0.0) if clamp else raw)
+        assert np.array_equal(pos[:, 0], p.numpy()) and np.array_equal(value[:, 0], v.numpy())

@@ -27,7 +27,7 @@ kernels are tested against (the same state, entry for entry).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
@@ -43,7 +43,11 @@ from .errors import HarvestError
 from .keys import MAX_CONTEXTS, POSITION_BITS, token_keys, top_keys
 from .params import HarvestParams
 from .state import HarvestState, UnitBlock
-from .streaming import ROWS_AT_ONCE, KeyedTop, RowsFn, row_f16, row_peak
+from .streaming import ROWS_AT_ONCE, KeyedTop, RowsFn
+
+PutRows = Callable[[KeyedTop, Tensor, Tensor, Tensor, Tensor, bool], None]
+"""``put(top, ids, unit, rank, slot, peak)``: write the rows of candidates ``ids``, the new
+entries ``(unit, rank, slot)`` of ``top`` (see :func:`~kronscope.harvest.fused.put_rows`)."""
 
 
 def load_fused() -> ModuleType | None:
@@ -239,12 +243,19 @@ class Harvester:
         block = UnitBlock.empty("warm-up", units, 2, 2, L, self._bins, self.device)
         gen = torch.Generator().manual_seed(0)
         a = torch.rand(units, C * L, generator=gen)
+        values = torch.rand(C * L, 2, generator=gen)
+        indices = torch.stack([torch.zeros(C * L), torch.ones(C * L)], 1).to(torch.int64)
         index = torch.arange(C, dtype=torch.int64)
         keys = ~token_keys(0, index, L).reshape(-1)
         both = torch.zeros(units // group * m * (group - m), dtype=torch.int64) if m else None
-        self._dense_fused(block, a, index, keys, L, both)
-        values = torch.rand(C * L, 2, generator=gen)
-        indices = torch.stack([torch.zeros(C * L), torch.ones(C * L)], 1).to(torch.int64)
+        if m and self.parents_nonneg:
+            bound = np.zeros((units // group, C * L), np.float32)
+            self._dense_fused(block, a, index, keys, L, both, bound)
+            k = 3  # its own outputs: the latents here are not the warm-up block's units
+            out = np.zeros((C * L, k), np.float32), np.zeros((C * L, k), np.int64)
+            self._kernels.kron_topk(a.numpy(), bound, m, group - m, *out)
+        else:
+            self._dense_fused(block, a, index, keys, L, both)
         valid = torch.ones(C * L, dtype=torch.bool)
         self._sparse_fused(block, values, indices, valid, index, keys, L)
         return time.perf_counter() - t0
@@ -355,16 +366,27 @@ class Harvester:
             assert isinstance(sae, KronSAE) and state.parent is not None
             width, T = sae.h * (sae.m + sae.n), C * L
             a = pre_acts_t(sae, x, self._scratch.get("a", (width, T), torch.float32, x.device))
-            if self.parents_nonneg:
+            fused = self._kernels is not None
+            # the kernels read raw pre-activations as ReLU'd ones (only values > 0 count)
+            if self.parents_nonneg and not fused:
                 a.relu_()
             if invalid.numel():
                 a.index_fill_(1, invalid, 0.0)
             with self._bookkeeping():
-                values, indices = kron_topk_t(a, sae.h, sae.m, sae.n, sae.k, sae.composition)
-                if self._kernels is not None:
-                    self._dense_fused(state.parent, a, index, k, L, state.both_parents_active)
+                if fused:
+                    both = state.both_parents_active
+                    if self.parents_nonneg:  # mAND or ReLU product: the kernels' TopK
+                        bound = self._np("bound", (sae.h, T), torch.float32)
+                        self._dense_fused(state.parent, a, index, k, L, both, bound)
+                        values, indices = self._kron_topk_fused(a, bound)
+                    else:
+                        self._dense_fused(state.parent, a, index, k, L, both)
+                        values, indices = kron_topk_t(
+                            a, sae.h, sae.m, sae.n, sae.k, sae.composition
+                        )
                     self._sparse_fused(state.latent, values, indices, v, index, k, L)
                     return
+                values, indices = kron_topk_t(a, sae.h, sae.m, sae.n, sae.k, sae.composition)
                 act = self._dense(state.parent, a, index, k, L, self.parents_nonneg)
                 self._both(state, act, C * L)
                 self._sparse(state.latent, values, indices, v, index, k, L)
@@ -587,9 +609,12 @@ class Harvester:
         keys: Tensor,
         L: int,
         both: Tensor | None,
+        bound: np.ndarray | None = None,
     ) -> None:
         """:meth:`_dense` (and, given ``both``, :meth:`_both`) in one kernel pass over
-        ``a`` [U, T] (float32, contiguous; invalid tokens already zero)."""
+        ``a`` [U, T] (float32, contiguous; invalid tokens already zero; values <= 0 are
+        inactive, so KronSAE parents need no ReLU first). Given ``bound`` [h, T], also the
+        heads' TopK bounds for :meth:`_kron_topk_fused`."""
         kernels = self._kernels
         assert kernels is not None
         U, T = a.shape
@@ -621,6 +646,7 @@ class Harvester:
             mo.max.numpy().view(np.int32),  # maxima are >= 0: bits order like values
             mo.hist.numpy(),
             both.numpy() if both is not None else np.zeros(0, np.int64),
+            bound if bound is not None else np.zeros((0, 0), np.float32),
             top_key,
             top_c,
             top_n,
@@ -628,18 +654,59 @@ class Harvester:
             sample_t,
             sample_n,
         )
-        a3 = a.view(U, C, L)
+        rows = a.view(U * C, L)  # row u * C + c: unit u's values in chunk context c
+        put = self._put_rows(rows, clamp=self.parents_nonneg)
         u, tk, c = (torch.from_numpy(x) for x in kernels.gather_candidates(top_key, top_c, top_n))
         if u.numel():
-            self._offer(block.top, u, tk, index[c], None, _dense_rows(a3, u, c))
+            self._offer(block.top, u, tk, index[c], None, put(u * C + c))
         u, sk, t = (
             torch.from_numpy(x) for x in kernels.gather_candidates(sample_key, sample_t, sample_n)
         )
         if u.numel():
             ctx_of = t // L
-            self._offer(
-                block.sample, u, sk, index[ctx_of], a[u, t], _dense_rows(a3, u, ctx_of), t % L
-            )
+            self._offer(block.sample, u, sk, index[ctx_of], a[u, t], put(u * C + ctx_of), t % L)
+
+    def _kron_topk_fused(self, a: Tensor, bound: np.ndarray) -> tuple[Tensor, Tensor]:
+        """:func:`kron_topk_t` in a kernel, from raw parents ``a`` [h*(m+n), T] and the
+        bounds :func:`dense_pass` wrote (mAND and ReLU product)."""
+        kernels = self._kernels
+        assert kernels is not None
+        sae = self.sae
+        assert isinstance(sae, KronSAE)
+        T = a.shape[1]
+        values = self._np("topk_values", (T, sae.k), torch.float32)
+        indices = self._np("topk_indices", (T, sae.k), torch.int64)
+        kernels.kron_topk(a.numpy(), bound, sae.m, sae.n, values, indices)
+        products = torch.from_numpy(values)
+        return (safe_sqrt(products) if sae.composition == "mand" else products), torch.from_numpy(
+            indices
+        )
+
+    def _put_rows(self, src: Tensor, clamp: bool) -> Callable[[Tensor], PutRows]:
+        """For :meth:`_offer`: candidate e's per-token row is ``src[row[e]]`` (float32
+        [R, L]); values <= 0 read as 0 when ``clamp``."""
+        kernels = self._kernels
+        assert kernels is not None
+        sn = src.numpy()
+
+        def for_rows(row: Tensor) -> PutRows:
+            def put(top: KeyedTop, ids: Tensor, fu: Tensor, fr: Tensor, fs: Tensor, peak: bool):
+                kernels.put_rows(
+                    sn,
+                    row[ids].numpy(),
+                    clamp,
+                    fu.numpy(),
+                    fr.numpy(),
+                    fs.numpy(),
+                    top.tokens.view(torch.int16).numpy().view(np.uint16),
+                    top.pos.numpy(),
+                    top.value.numpy(),
+                    peak,
+                )
+
+            return put
+
+        return for_rows
 
     def _sparse_fused(
         self,
@@ -684,13 +751,30 @@ class Harvester:
             )
         )
 
-        def rows_of(unit: Tensor, ctx: Tensor) -> Tensor:
-            return torch.from_numpy(
-                kernels.sparse_rows(vn, inn, valid_n, L, unit.numpy(), ctx.numpy(), F)
-            )
+        def put_from(unit: Tensor, c: Tensor) -> PutRows:
+            """Rows of candidates ``(unit[e], c[e])``, built for the new entries only."""
+
+            def put(top: KeyedTop, ids: Tensor, fu: Tensor, fr: Tensor, fs: Tensor, peak: bool):
+                rows = kernels.sparse_rows(
+                    vn, inn, valid_n, L, unit[ids].numpy(), c[ids].numpy(), F
+                )
+                kernels.put_rows(
+                    rows,
+                    np.arange(len(ids)),
+                    False,
+                    fu.numpy(),
+                    fr.numpy(),
+                    fs.numpy(),
+                    top.tokens.view(torch.int16).numpy().view(np.uint16),
+                    top.pos.numpy(),
+                    top.value.numpy(),
+                    peak,
+                )
+
+            return put
 
         if tu.numel():
-            self._offer(block.top, tu, tk, index[tc], None, lambda ids: rows_of(tu[ids], tc[ids]))
+            self._offer(block.top, tu, tk, index[tc], None, put_from(tu, tc))
         if su.numel():
             self._offer(
                 block.sample,
@@ -698,7 +782,7 @@ class Harvester:
                 keys[st],
                 index[st // L],
                 torch.from_numpy(vn)[st, sj],
-                lambda ids: rows_of(su[ids], st[ids] // L),
+                put_from(su, st // L),
                 st % L,
             )
 
@@ -709,11 +793,12 @@ class Harvester:
         key: Tensor,
         ctx: Tensor,
         value: Tensor | None,
-        rows: RowsFn,
+        put: PutRows,
         pos: Tensor | None = None,
     ) -> None:
-        """:meth:`KeyedTop.offer` with the merge in a kernel (same arguments, same result:
-        a few loops over the touched rows instead of some forty torch ops over them)."""
+        """:meth:`KeyedTop.offer` with the merge and the rows' writes in kernels (same
+        result: a few loops over the touched rows instead of some forty torch ops over
+        them); ``put`` writes the rows of the new entries."""
         kernels = self._kernels
         assert kernels is not None
         E = unit.numel()
@@ -738,11 +823,8 @@ class Harvester:
         )
         for lo in range(0, len(fid), ROWS_AT_ONCE):  # bounded memory in the first batches
             part = slice(lo, lo + ROWS_AT_ONCE)
-            u, r = fu[part], fr[part]
-            values_rows = rows(fid[part]).to(torch.float32)
-            if pos is None:  # top contexts: the first position of the row's maximum
-                top.pos[u, r], top.value[u, r] = row_peak(values_rows)
-            top.tokens[u, fs[part]] = row_f16(values_rows)
+            # top contexts: also the first position of the row's maximum, and its value
+            put(top, fid[part], fu[part], fr[part], fs[part], pos is None)
 
     def _sparse_ctx_max(self, size: int) -> np.ndarray:
         """[size] int32 scratch, all zero (the kernel leaves it so)."""

@@ -50,6 +50,7 @@ def dense_pass(
     vmax_bits: np.ndarray,
     hist: np.ndarray,
     both: np.ndarray,
+    bound: np.ndarray,
     top_key: np.ndarray,
     top_c: np.ndarray,
     top_n: np.ndarray,
@@ -58,12 +59,15 @@ def dense_pass(
     sample_n: np.ndarray,
 ) -> None:
     """Dense units ``a`` [U, T] (float32; ``bits`` the same memory as int32), units in
-    groups of ``group`` consecutive rows (a KronSAE head's m + n parents, else 1).
+    groups of ``group`` consecutive rows (a KronSAE head's m + n parents, else 1). Only
+    values > 0 count as active: ``a`` may hold raw pre-activations (ReLU not applied).
 
     Updates ``n_active``, ``total``, the maxima (``vmax_bits``: the int32 view of the
     float32 maxima, which are >= 0) [U] and ``hist`` [U, bins] in place, and ``both``
     [groups * m * n] when ``m`` > 0 (rows ``0..m-1`` of a group are the bases, the rest
-    the extensions). Writes per unit the top-contexts candidates (``top_key`` and the
+    the extensions), and, when ``bound`` [groups, T] is not empty, each head's TopK
+    bound ``max(p, 0) * max(q, 0)`` over its bases p and extensions q (for
+    :func:`kron_topk`, while the head's rows are in cache). Writes per unit the top-contexts candidates (``top_key`` and the
     chunk context ``top_c`` [U, C], ``top_n`` [U] of them) and the best reservoir
     candidates (``sample_key``, ``sample_t`` [U, K], key descending, ``sample_n`` [U] of
     them).
@@ -78,9 +82,11 @@ def dense_pass(
     code_hi = code_lo + bins - 1
     groups = U // group
     n_ext = group - m
+    with_bound = bound.shape[0] > 0
     for g in prange(groups):
         local = np.zeros(4 * bins, np.int32)
         codes = np.empty(T, np.int32)
+        qmax = np.empty(T if with_bound else 0, np.float32)
         for r in range(group):
             u = g * group + r
             row = a[u]
@@ -159,6 +165,20 @@ def dense_pass(
                     for t in range(T):
                         n_both += (p[t] > 0) & (q[t] > 0)
                     both[out + i * n_ext + j] += n_both
+            if with_bound:
+                pm = bound[g]
+                pm[:] = a[base]
+                for i in range(1, m):
+                    p = a[base + i]
+                    for t in range(T):
+                        pm[t] = max(pm[t], p[t])
+                qmax[:] = a[base + m]
+                for j in range(1, n_ext):
+                    q = a[base + m + j]
+                    for t in range(T):
+                        qmax[t] = max(qmax[t], q[t])
+                for t in range(T):
+                    pm[t] = max(pm[t], np.float32(0.0)) * max(qmax[t], np.float32(0.0))
 
 
 @njit(cache=True, nogil=True)
@@ -320,7 +340,7 @@ def sparse_rows(
     return out
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, parallel=True)
 def keyed_merge(
     keys: np.ndarray,
     ctx: np.ndarray,
@@ -359,76 +379,237 @@ def keyed_merge(
         if key[e] > keys[u, K - 1]:
             order[fill[u]] = e
             fill[u] += 1
+    # each unit's new entries go to its own range of the candidates' (count[u] on), in
+    # parallel over blocks of units; the ranges are closed up at the end
     f_unit = np.empty(n, np.int64)
     f_rank = np.empty(n, np.int64)
     f_slot = np.empty(n, np.int64)
     f_id = np.empty(n, np.int64)
+    n_new = np.zeros(U, np.int64)
+    per = 512
+    for blk in prange((U + per - 1) // per):
+        old_key = np.empty(K, np.int64)
+        old_ctx = np.empty(K, np.int64)
+        old_pos = np.empty(K, np.int32)
+        old_value = np.empty(K, np.float32)
+        old_slot = np.empty(K, np.int64)
+        for u in range(blk * per, min(U, (blk + 1) * per)):
+            lo, hi = count[u], count[u + 1]
+            if lo == hi:
+                continue
+            # this unit's candidates, key descending (keys are unique per unit): an insertion
+            # sort for the usual few, a real sort for the many of the first batches
+            cands = order[lo:hi]
+            if hi - lo > 64:
+                ck = np.empty(hi - lo, np.int64)
+                for i in range(hi - lo):
+                    ck[i] = key[cands[i]]
+                cands[:] = cands[np.argsort(ck)[::-1]]
+            for i in range(1, hi - lo):
+                e = cands[i]
+                j = i
+                while j > 0 and key[cands[j - 1]] < key[e]:
+                    cands[j] = cands[j - 1]
+                    j -= 1
+                cands[j] = e
+            # ranks above the first one a candidate takes stay as they are (once a row is
+            # full, a new entry usually lands near its end)
+            best = key[cands[0]]
+            r0 = K - 1
+            while r0 > 0 and keys[u, r0 - 1] < best:
+                r0 -= 1
+            w = K - r0
+            for r in range(w):
+                old_key[r] = keys[u, r0 + r]
+                old_ctx[r] = ctx[u, r0 + r]
+                old_pos[r] = pos[u, r0 + r]
+                old_value[r] = value[u, r0 + r]
+                old_slot[r] = slot[u, r0 + r]
+            i = 0  # next old entry (from rank r0)
+            j = 0  # next candidate
+            fresh = 0
+            at = lo
+            n_c = hi - lo
+            for r in range(r0, K):
+                if j < n_c and key[cands[j]] > old_key[i]:
+                    e = cands[j]
+                    j += 1
+                    keys[u, r] = key[e]
+                    ctx[u, r] = cand_ctx[e]
+                    pos[u, r] = cand_pos[e]
+                    value[u, r] = cand_value[e]
+                    fresh += 1
+                    f_unit[at] = u
+                    f_rank[at] = r
+                    f_id[at] = e
+                    at += 1
+                else:
+                    keys[u, r] = old_key[i]
+                    ctx[u, r] = old_ctx[i]
+                    pos[u, r] = old_pos[i]
+                    value[u, r] = old_value[i]
+                    slot[u, r] = old_slot[i]
+                    i += 1
+            # the new entries take the dropped entries' slots (the old row's tail, in order)
+            d = i
+            n_new[u] = fresh
+            for f in range(lo, lo + fresh):
+                slot[u, f_rank[f]] = old_slot[d]
+                f_slot[f] = old_slot[d]
+                d += 1
     nf = 0
-    old_key = np.empty(K, np.int64)
-    old_ctx = np.empty(K, np.int64)
-    old_pos = np.empty(K, np.int32)
-    old_value = np.empty(K, np.float32)
-    old_slot = np.empty(K, np.int64)
     for u in range(U):
-        lo, hi = count[u], count[u + 1]
-        if lo == hi:
-            continue
-        # this unit's candidates, key descending (keys are unique per unit): an insertion
-        # sort for the usual few, a real sort for the many of the first batches
-        cands = order[lo:hi]
-        if hi - lo > 64:
-            ck = np.empty(hi - lo, np.int64)
-            for i in range(hi - lo):
-                ck[i] = key[cands[i]]
-            cands[:] = cands[np.argsort(ck)[::-1]]
-        for i in range(1, hi - lo):
-            e = cands[i]
-            j = i
-            while j > 0 and key[cands[j - 1]] < key[e]:
-                cands[j] = cands[j - 1]
-                j -= 1
-            cands[j] = e
-        # ranks above the first one a candidate takes stay as they are (once a row is
-        # full, a new entry usually lands near its end)
-        best = key[cands[0]]
-        r0 = K - 1
-        while r0 > 0 and keys[u, r0 - 1] < best:
-            r0 -= 1
-        w = K - r0
-        for r in range(w):
-            old_key[r] = keys[u, r0 + r]
-            old_ctx[r] = ctx[u, r0 + r]
-            old_pos[r] = pos[u, r0 + r]
-            old_value[r] = value[u, r0 + r]
-            old_slot[r] = slot[u, r0 + r]
-        i = 0  # next old entry (from rank r0)
-        j = 0  # next candidate
-        fresh = 0
-        n_c = hi - lo
-        for r in range(r0, K):
-            if j < n_c and key[cands[j]] > old_key[i]:
-                e = cands[j]
-                j += 1
-                keys[u, r] = key[e]
-                ctx[u, r] = cand_ctx[e]
-                pos[u, r] = cand_pos[e]
-                value[u, r] = cand_value[e]
-                fresh += 1
-                f_unit[nf] = u
-                f_rank[nf] = r
-                f_id[nf] = e
-                nf += 1
-            else:
-                keys[u, r] = old_key[i]
-                ctx[u, r] = old_ctx[i]
-                pos[u, r] = old_pos[i]
-                value[u, r] = old_value[i]
-                slot[u, r] = old_slot[i]
-                i += 1
-        # the new entries take the dropped entries' slots (the old row's tail, in order)
-        d = i
-        for f in range(nf - fresh, nf):
-            slot[u, f_rank[f]] = old_slot[d]
-            f_slot[f] = old_slot[d]
-            d += 1
+        lo = count[u]
+        for f in range(lo, lo + n_new[u]):
+            f_unit[nf] = f_unit[f]
+            f_rank[nf] = f_rank[f]
+            f_slot[nf] = f_slot[f]
+            f_id[nf] = f_id[f]
+            nf += 1
     return f_unit[:nf], f_rank[:nf], f_slot[:nf], f_id[:nf]
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def kron_topk(
+    a: np.ndarray,
+    bound: np.ndarray,
+    m: int,
+    n: int,
+    values: np.ndarray,
+    indices: np.ndarray,
+) -> None:
+    """KronSAE's exact TopK (the k largest latents lie in the k heads with the largest
+    bound, see ``KronSAE._topk_from_parents``) from parents ``a`` [h * (m + n), T]
+    (raw: ReLU applied here) and the bounds [h, T] from :func:`dense_pass`. Writes the k
+    latents of each token, value descending, into ``values`` [T, k] (the pair products:
+    mAND's square root is the caller's, in torch, whose float32 ``sqrt`` is not always
+    the correctly rounded one) and ``indices`` [T, k].
+
+    Ties, which torch's ``topk`` leaves unordered, go to the lower index: of heads with
+    equal bounds the lower head, of equal pairs the one of the lower latent index. A
+    block of 16 tokens at a time: the bounds are read a cache line per head, and the
+    parents of the chosen heads mostly so too."""
+    h, T = bound.shape
+    k = values.shape[1]
+    kh = min(k, h)
+    group = m + n
+    mn = m * n
+    width = 16
+    for blk in prange((T + width - 1) // width):
+        t0 = blk * width
+        nb = min(width, T - t0)
+        hv = np.full((width, kh), np.float32(-1.0))  # bounds are >= 0: the first kh enter
+        hi = np.zeros((width, kh), np.int64)
+        for g in range(h):
+            for j in range(nb):
+                b = bound[g, t0 + j]
+                if b > hv[j, kh - 1]:
+                    r = kh - 1
+                    while r > 0 and hv[j, r - 1] < b:
+                        hv[j, r] = hv[j, r - 1]
+                        hi[j, r] = hi[j, r - 1]
+                        r -= 1
+                    hv[j, r] = b
+                    hi[j, r] = g
+        pv = np.empty(k, np.float32)
+        pi = np.empty(k, np.int64)
+        for j in range(nb):
+            t = t0 + j
+            cnt = 0
+            for s in range(kh):
+                g = hi[j, s]
+                base = g * group
+                for i in range(m):
+                    p = max(a[base + i, t], np.float32(0.0))
+                    for e in range(n):
+                        v = p * max(a[base + m + e, t], np.float32(0.0))
+                        idx = g * mn + i * n + e
+                        if cnt < k:
+                            r = cnt
+                            cnt += 1
+                        elif v > pv[k - 1] or (v == pv[k - 1] and idx < pi[k - 1]):
+                            r = k - 1
+                        else:
+                            continue
+                        while r > 0 and (pv[r - 1] < v or (pv[r - 1] == v and pi[r - 1] > idx)):
+                            pv[r] = pv[r - 1]
+                            pi[r] = pi[r - 1]
+                            r -= 1
+                        pv[r] = v
+                        pi[r] = idx
+            for r in range(cnt, k):  # fewer pairs than k (never with k <= d_sae)
+                pv[r] = 0.0
+                pi[r] = 0
+            for r in range(k):
+                values[t, r] = pv[r]
+                indices[t, r] = pi[r]
+
+
+F16_MAX_BITS = 0x7BFF  # 65504, the largest finite float16
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def put_rows(
+    src: np.ndarray,
+    src_row: np.ndarray,
+    clamp: bool,
+    f_unit: np.ndarray,
+    f_rank: np.ndarray,
+    f_slot: np.ndarray,
+    tokens: np.ndarray,
+    pos: np.ndarray,
+    value: np.ndarray,
+    peak: bool,
+) -> None:
+    """Write the per-token rows of new top-list entries (from :func:`keyed_merge`):
+    entry f's row is ``src[src_row[f]]`` (float32 [L]), with values <= 0 taken as 0
+    when ``clamp`` (parents not yet through ReLU), stored as float16 bits into
+    ``tokens[f_unit[f], f_slot[f]]`` (uint16 [U, K, L]); with ``peak``, the row's first
+    maximum into ``pos`` and ``value`` at ``[f_unit[f], f_rank[f]]``. What ``row_peak``
+    and ``row_f16`` compute, without the float32 copies.
+
+    The float16 bits are those of torch's (and numpy's) conversion, round to nearest
+    even, clipped to +-65504 as ``codec.pack_f16`` does; computed without branches
+    (selects, so that the loops vectorise: with about half the parents inactive, a
+    branch would mispredict half the time). Normal results: the exponent rebiased and
+    13 mantissa bits rounded off by an addition; subnormal ones: the float addition
+    ``|x| + 0.5`` rounds the mantissa where float16 does. Not for NaN."""
+    L = src.shape[1]
+    E = f_unit.shape[0]
+    per = 256
+    for blk in prange((E + per - 1) // per):
+        tmp = np.empty(L, np.float32)
+        tmp_bits = tmp.view(np.int32)
+        mag = np.empty(L, np.int32)
+        for f in range(blk * per, min(E, (blk + 1) * per)):
+            row = src[src_row[f]]
+            u = f_unit[f]
+            for t in range(L):
+                v = row[t]
+                v = v if (v > 0 or not clamp) else np.float32(0.0)
+                tmp[t] = v
+            bits = tmp_bits.copy()
+            for t in range(L):
+                tmp[t] = abs(tmp[t]) + np.float32(0.5)  # subnormal halves: 0.5 + x, rounded
+            for t in range(L):
+                b = bits[t]
+                f_abs = b & 0x7FFFFFFF
+                normal = (f_abs + (-(112 << 23) + 0xFFF) + ((f_abs >> 13) & 1)) >> 13
+                sub = tmp_bits[t] - 0x3F000000
+                h = normal if f_abs >= 0x38800000 else sub
+                h = min(h, F16_MAX_BITS)  # clip: never inf
+                mag[t] = h | ((b >> 16) & 0x8000)
+            out = tokens[u, f_slot[f]]
+            for t in range(L):
+                out[t] = np.uint16(mag[t])
+            if peak:
+                best = np.float32(-np.inf)
+                at = 0
+                for t in range(L):
+                    v = row[t]
+                    v = v if (v > 0 or not clamp) else np.float32(0.0)
+                    if v > best:
+                        best = v
+                        at = t
+                pos[u, f_rank[f]] = at
+                value[u, f_rank[f]] = best
