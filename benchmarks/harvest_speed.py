@@ -146,7 +146,15 @@ def kernel_compiles(fused: bool) -> dict[str, int]:
     import kronscope.harvest.fused as kernels
 
     out = {"compiled": 0, "cached": 0}
-    for name in ("dense_pass", "gather_candidates", "sparse_pass", "sparse_rows", "keyed_merge"):
+    for name in (
+        "dense_pass",
+        "kron_topk",
+        "gather_candidates",
+        "sparse_pass",
+        "sparse_rows",
+        "keyed_merge",
+        "put_rows",
+    ):
         stats = getattr(kernels, name).stats
         out["compiled"] += sum(stats.cache_misses.values())
         out["cached"] += sum(stats.cache_hits.values())

@@ -154,7 +154,8 @@ def test_offer_merge_equals_keyed_top(with_pos):
 
 @pytest.mark.parametrize("composition", ["mand", "relu_product"])
 @pytest.mark.parametrize(
-    ("h", "m", "n", "k", "T"), [(64, 2, 4, 8, 100), (7, 3, 2, 12, 33), (5, 1, 1, 5, 16)]
+    ("h", "m", "n", "k", "T"),
+    [(2048, 2, 4, 32, 40), (64, 2, 4, 8, 100), (7, 3, 2, 12, 33), (5, 1, 1, 5, 16)],
 )
 def test_kron_topk_kernel_equals_torch(composition, h, m, n, k, T):
     """The kernel's TopK against ``kron_topk_t`` and against the SAE's own ``encode`` on
