@@ -511,18 +511,27 @@ def kron_topk(
                         r -= 1
                     hv[j, r] = b
                     hi[j, r] = g
+        # the chosen heads' parents, all loads first (independent: they overlap), then
+        # the pairs from the copy
+        par = np.empty((width, kh * group), np.float32)
+        for j in range(nb):
+            for s in range(kh):
+                base = hi[j, s] * group
+                for r in range(group):
+                    par[j, s * group + r] = a[base + r, t0 + j]
         pv = np.empty(k, np.float32)
         pi = np.empty(k, np.int64)
         for j in range(nb):
             t = t0 + j
+            pj = par[j]
             cnt = 0
             for s in range(kh):
                 g = hi[j, s]
-                base = g * group
+                at = s * group
                 for i in range(m):
-                    p = max(a[base + i, t], np.float32(0.0))
+                    p = max(pj[at + i], np.float32(0.0))
                     for e in range(n):
-                        v = p * max(a[base + m + e, t], np.float32(0.0))
+                        v = p * max(pj[at + m + e], np.float32(0.0))
                         idx = g * mn + i * n + e
                         if cnt < k:
                             r = cnt
@@ -578,30 +587,27 @@ def put_rows(
     E = f_unit.shape[0]
     per = 256
     for blk in prange((E + per - 1) // per):
-        tmp = np.empty(L, np.float32)
-        tmp_bits = tmp.view(np.int32)
-        mag = np.empty(L, np.int32)
+        vals = np.empty(L, np.float32)
+        val_bits = vals.view(np.int32)
+        half = np.empty(L, np.float32)
+        half_bits = half.view(np.int32)
         for f in range(blk * per, min(E, (blk + 1) * per)):
             row = src[src_row[f]]
             u = f_unit[f]
             for t in range(L):
                 v = row[t]
                 v = v if (v > 0 or not clamp) else np.float32(0.0)
-                tmp[t] = v
-            bits = tmp_bits.copy()
-            for t in range(L):
-                tmp[t] = abs(tmp[t]) + np.float32(0.5)  # subnormal halves: 0.5 + x, rounded
-            for t in range(L):
-                b = bits[t]
-                f_abs = b & 0x7FFFFFFF
-                normal = (f_abs + (-(112 << 23) + 0xFFF) + ((f_abs >> 13) & 1)) >> 13
-                sub = tmp_bits[t] - 0x3F000000
-                h = normal if f_abs >= 0x38800000 else sub
-                h = min(h, F16_MAX_BITS)  # clip: never inf
-                mag[t] = h | ((b >> 16) & 0x8000)
+                vals[t] = v
+                half[t] = abs(v) + np.float32(0.5)  # subnormal results: 0.5 + |x|, rounded
             out = tokens[u, f_slot[f]]
             for t in range(L):
-                out[t] = np.uint16(mag[t])
+                b = val_bits[t]
+                f_abs = b & 0x7FFFFFFF
+                normal = (f_abs + (-(112 << 23) + 0xFFF) + ((f_abs >> 13) & 1)) >> 13
+                sub = half_bits[t] - 0x3F000000
+                h = normal if f_abs >= 0x38800000 else sub
+                h = min(h, F16_MAX_BITS)  # clip: never inf
+                out[t] = np.uint16(h | ((b >> 16) & 0x8000))
             if peak:
                 best = np.float32(-np.inf)
                 at = 0
