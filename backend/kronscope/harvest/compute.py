@@ -157,6 +157,33 @@ def _dense_rows(a3: Tensor, unit: Tensor, ctx: Tensor) -> RowsFn:
     return rows
 
 
+def _write_rows(
+    kernels: ModuleType,
+    top: KeyedTop,
+    src: np.ndarray,
+    src_row: np.ndarray,
+    clamp: bool,
+    unit: Tensor,
+    rank: Tensor,
+    slot: Tensor,
+    peak: bool,
+) -> None:
+    """:func:`~kronscope.harvest.fused.put_rows` into ``top``: new entry f (``unit``,
+    ``rank``, ``slot``) gets row ``src[src_row[f]]``."""
+    kernels.put_rows(
+        src,
+        src_row,
+        clamp,
+        unit.numpy(),
+        rank.numpy(),
+        slot.numpy(),
+        top.tokens.view(torch.int16).numpy().view(np.uint16),
+        top.pos.numpy(),
+        top.value.numpy(),
+        peak,
+    )
+
+
 class _Scratch:
     """Work buffers for the dense ``[U, T]`` matrices, reused from chunk to chunk.
 
@@ -382,12 +409,16 @@ class Harvester:
             with self._bookkeeping():
                 if fused:
                     both = state.both_parents_active
-                    if self.parents_nonneg:  # mAND or ReLU product: the kernels' TopK
-                        bound = self._np("bound", (sae.h, T), torch.float32)
-                        self._dense_fused(state.parent, a, index, k, L, both, bound)
+                    # mAND or ReLU product: the kernels' TopK (the u*v ablation: torch's)
+                    bound = (
+                        self._np("bound", (sae.h, T), torch.float32)
+                        if self.parents_nonneg
+                        else None
+                    )
+                    self._dense_fused(state.parent, a, index, k, L, both, bound)
+                    if bound is not None:
                         values, indices = self._kron_topk_fused(a, bound)
                     else:
-                        self._dense_fused(state.parent, a, index, k, L, both)
                         values, indices = kron_topk_t(
                             a, sae.h, sae.m, sae.n, sae.k, sae.composition
                         )
@@ -698,18 +729,7 @@ class Harvester:
 
         def for_rows(row: Tensor) -> PutRows:
             def put(top: KeyedTop, ids: Tensor, fu: Tensor, fr: Tensor, fs: Tensor, peak: bool):
-                kernels.put_rows(
-                    sn,
-                    row[ids].numpy(),
-                    clamp,
-                    fu.numpy(),
-                    fr.numpy(),
-                    fs.numpy(),
-                    top.tokens.view(torch.int16).numpy().view(np.uint16),
-                    top.pos.numpy(),
-                    top.value.numpy(),
-                    peak,
-                )
+                _write_rows(kernels, top, sn, row[ids].numpy(), clamp, fu, fr, fs, peak)
 
             return put
 
@@ -765,18 +785,7 @@ class Harvester:
                 rows = kernels.sparse_rows(
                     vn, inn, valid_n, L, unit[ids].numpy(), c[ids].numpy(), F
                 )
-                kernels.put_rows(
-                    rows,
-                    np.arange(len(ids)),
-                    False,
-                    fu.numpy(),
-                    fr.numpy(),
-                    fs.numpy(),
-                    top.tokens.view(torch.int16).numpy().view(np.uint16),
-                    top.pos.numpy(),
-                    top.value.numpy(),
-                    peak,
-                )
+                _write_rows(kernels, top, rows, np.arange(len(ids)), False, fu, fr, fs, peak)
 
             return put
 
