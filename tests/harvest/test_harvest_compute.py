@@ -23,7 +23,8 @@ from harvest_ref import (
 )
 
 from kronscope.harvest import Harvester, HarvestError, HarvestParams, HarvestState, iter_batches
-from kronscope.harvest.compute import kron_topk_t, pre_acts_t
+from kronscope.harvest.compute import kron_topk_t
+from kronscope.harvest.encoder import pre_acts_t
 from kronscope.harvest.keys import mix64, mix64_py, token_key_py, token_keys, top_keys
 from kronscope.harvest.result import build_result
 from kronscope.harvest.state import parent_units

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from ..sae import SAE, KronSAE, TopKStyleSAE
 from ..sae.kronsae import safe_sqrt
+from .encoder import TransposedEncoder
 from .errors import HarvestError
 from .keys import MAX_CONTEXTS, POSITION_BITS, token_keys, top_keys
 from .params import HarvestParams
@@ -107,17 +108,6 @@ def iter_batches(contexts: ContextsLike, batch_size: int, indices: Tensor) -> It
     for start in range(0, len(indices), batch_size):
         idx = indices[start : start + batch_size]
         yield Batch(idx, ids[idx], mask[idx], special[idx])
-
-
-def pre_acts_t(sae: SAE, x: Tensor, out: Tensor | None = None) -> Tensor:
-    """[T, d_in] -> [width, T]: the SAE's ``pre_acts`` computed transposed (one matmul);
-    into ``out`` (float32, [width, T]) when given and the SAE is float32."""
-    s = sae._scale_in(x)
-    if sae.cfg.apply_b_dec_to_input:
-        s = s - sae.b_dec
-    if out is not None and sae.W_enc.dtype == torch.float32 and s.dtype == torch.float32:
-        return torch.addmm(sae.b_enc.unsqueeze(1), sae.W_enc.t(), s.t(), out=out)
-    return torch.addmm(sae.b_enc.unsqueeze(1), sae.W_enc.t(), s.t()).to(torch.float32)
 
 
 def kron_topk_t(
@@ -258,6 +248,7 @@ class Harvester:
             )
         self._kernels = kernels
         self._ctx_max_buf = np.zeros(0, np.int32)
+        self._encoder = TransposedEncoder(sae) if self.kron else None
 
     @property
     def fused(self) -> bool:
@@ -399,7 +390,12 @@ class Harvester:
         if self.kron:
             assert isinstance(sae, KronSAE) and state.parent is not None
             width, T = sae.h * (sae.m + sae.n), C * L
-            a = pre_acts_t(sae, x, self._scratch.get("a", (width, T), torch.float32, x.device))
+            enc = self._encoder
+            assert enc is not None
+            out = (
+                None if enc.onednn else self._scratch.get("a", (width, T), torch.float32, x.device)
+            )
+            a = enc(x, out)
             fused = self._kernels is not None
             # the kernels read raw pre-activations as ReLU'd ones (only values > 0 count)
             if self.parents_nonneg and not fused:
