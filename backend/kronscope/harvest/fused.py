@@ -67,10 +67,10 @@ def dense_pass(
     [groups * m * n] when ``m`` > 0 (rows ``0..m-1`` of a group are the bases, the rest
     the extensions), and, when ``bound`` [groups, T] is not empty, each head's TopK
     bound ``max(p, 0) * max(q, 0)`` over its bases p and extensions q (for
-    :func:`kron_topk`, while the head's rows are in cache). Writes per unit the top-contexts candidates (``top_key`` and the
-    chunk context ``top_c`` [U, C], ``top_n`` [U] of them) and the best reservoir
-    candidates (``sample_key``, ``sample_t`` [U, K], key descending, ``sample_n`` [U] of
-    them).
+    :func:`kron_topk`, while the head's rows are in cache). Writes per unit the
+    top-contexts candidates (``top_key`` and the chunk context ``top_c`` [U, C],
+    ``top_n`` [U] of them) and the best reservoir candidates (``sample_key``,
+    ``sample_t`` [U, K], key descending, ``sample_n`` [U] of them).
 
     The loops are split so that the ones over every value have no branch on the value
     (about half the parents are active, at random: a branch would mispredict half the
