@@ -112,8 +112,9 @@ def test_connections_spread_and_a_dead_worker_is_replaced(server: Server) -> Non
     first, second = _workers(server.pid)  # type: ignore[arg-type]
     os.kill(first, signal.SIGKILL)
     # A connection the kernel queued on the dying worker's own socket before the kill took
-    # effect is reset with it (the crash's own loss); from its death on, the other answers.
-    _wait(lambda: _exited(first))
+    # effect is reset with it (the crash's own loss); once it is reaped, the other answers.
+    # Not sooner: a zombie leader's other threads may still hold its files, socket included.
+    _wait(lambda: not os.path.exists(f"/proc/{first}"))
     for _ in range(20):  # the other worker answers meanwhile (or the replacement)
         assert httpx.get(f"{server.base_url}/api/v1/health", timeout=10).status_code == 200
     _wait(lambda: len(_workers(server.pid)) == 2 and first not in _workers(server.pid))  # type: ignore[arg-type]
